@@ -1,0 +1,117 @@
+"""Input validation with clear, early errors (before any compilation)."""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._chain import ChainSpec
+
+
+def _is_concrete(a) -> bool:
+    return not isinstance(a, jax.core.Tracer)
+
+
+def _as_float_array(name: str, a, dtype):
+    if a is None:
+        raise TypeError(f"{name}: expected an array, got None.")
+    if not hasattr(a, "dtype"):
+        try:
+            a = np.asarray(a)
+        except Exception as err:  # pragma: no cover - exotic input
+            raise TypeError(f"{name}: could not convert {type(a).__name__} to an array.") from err
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        raise TypeError(
+            f"{name}: expected floating-point data, got dtype {a.dtype}; "
+            f"convert it, e.g. {name}.astype(jnp.float32)."
+        )
+    return jnp.asarray(a, dtype=dtype)
+
+
+def _check_finite(name: str, a):
+    if _is_concrete(a) and not bool(jnp.all(jnp.isfinite(a))):
+        raise ValueError(f"{name}: contains NaN or infinite values.")
+
+
+def check_xy(spec: ChainSpec, x, y=None):
+    """Validate and reshape data to (m, n_in) and (m, n_out) in the model's dtype."""
+    x = _as_float_array("x", x, spec.dtype)
+    want_x = 1 if spec.scalar_in else 2
+    if spec.scalar_in and x.ndim == 2 and x.shape[1] == 1:
+        want_x = 2
+    if x.ndim != want_x:
+        raise ValueError(
+            f"x: expected shape (m, {spec.n_in})" + (" or (m,)" if spec.scalar_in else "")
+            + f", got rank-{x.ndim} array of shape {x.shape}."
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"x: no samples (m = 0), got shape {x.shape}.")
+    x = x.reshape(x.shape[0], -1)
+    if x.shape[1] != spec.n_in:
+        raise ValueError(f"x: the model takes {spec.n_in} input features, got x of shape {x.shape}.")
+    _check_finite("x", x)
+    if y is None:
+        return x
+    y = _as_float_array("y", y, spec.dtype)
+    if y.ndim == 1 and spec.n_out == 1:
+        y = y[:, None]
+    if y.ndim != 2:
+        raise ValueError(f"y: expected shape (m, {spec.n_out}), got rank-{y.ndim} array of shape {y.shape}.")
+    if y.shape[1] != spec.n_out:
+        raise ValueError(f"y: the model has {spec.n_out} outputs, got y of shape {y.shape}.")
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"x and y: sample counts differ ({x.shape[0]} vs {y.shape[0]}).")
+    _check_finite("y", y)
+    return x, y
+
+
+def check_states(name: str, spec: ChainSpec, states, m: int):
+    """Validate a tuple of N arrays of shape (m, width) and stack it to (N, m, width)."""
+    if not isinstance(states, (tuple, list)):
+        raise TypeError(f"{name}: expected a tuple of {spec.depth} arrays of shape (m, {spec.width}).")
+    if len(states) != spec.depth:
+        raise ValueError(f"{name}: expected {spec.depth} arrays (one per hidden layer), got {len(states)}.")
+    out = []
+    for i, s in enumerate(states):
+        s = _as_float_array(f"{name}[{i}]", s, spec.dtype)
+        if s.shape != (m, spec.width):
+            raise ValueError(f"{name}[{i}]: expected shape {(m, spec.width)}, got {s.shape}.")
+        _check_finite(f"{name}[{i}]", s)
+        out.append(s)
+    return jnp.stack(out)
+
+
+def check_positive(name: str, value, *, allow_zero: bool = False):
+    """A real scalar option that must be > 0 (or >= 0); tracers pass through."""
+    if isinstance(value, jax.core.Tracer):
+        return value
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.ndarray, jax.Array)):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}.")
+    arr = np.asarray(value)
+    if arr.ndim != 0:
+        raise ValueError(f"{name}: expected a scalar, got shape {arr.shape}.")
+    v = float(arr)
+    ok = (v >= 0 if allow_zero else v > 0) and np.isfinite(v)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name}: must be finite and {bound}, got {v}.")
+    return value
+
+
+def check_int(name: str, value, *, minimum: int = 1, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}.")
+    if value < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {value}.")
+    return int(value)
+
+
+def check_choice(name: str, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name}: unknown value {value!r}; choose one of {sorted(choices)}.")
+    return value

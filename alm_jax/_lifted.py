@@ -1,0 +1,87 @@
+"""The lifted (multiple-shooting) problem: states, constraints, residual, L_β.
+
+Unknowns are the weights θ and the hidden states Z = (z_1..z_N) of every
+sample. With z_0 = x,
+
+    h_a = z_{a+1} − φ(W_a z_a + b_a)            a = 0..N-1   (constraints)
+    F   = φ_out(W_N z_N + b_N) − y                           (output residual)
+    L_β = ½‖F‖² + ⟨λ, h⟩ + (β/2)‖h‖² = (β/2)‖F_β‖² − ‖λ‖²/(2β)
+    F_β = [F/√β ; h + λ/β]
+
+Internally states and multipliers are stacked as (N, m, width) arrays. A
+penalty may also be one value per constraint, σ (same shape as h); then the
+least-squares residual is [F/√β ; w ⊙ (h + λ/σ)] with β = max σ and
+w = √(σ/β), whose squared norm is still 2 L_σ/β + const.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ._chain import ChainSpec, DenseParams
+
+
+def _affine(z, w, b):
+    s = z @ w.T
+    return s if b is None else s + b
+
+
+def forward_states_stacked(params: DenseParams, spec: ChainSpec, x):
+    """Hidden states of the forward pass, stacked as (N, m, width)."""
+    z1 = spec.act(_affine(x, params.w_in, params.b_in))
+
+    def layer(z, wb):
+        w, b = wb
+        z = spec.act(_affine(z, w, b))
+        return z, z
+
+    _, rest = jax.lax.scan(layer, z1, (params.w_hid, params.b_hid))
+    return jnp.concatenate([z1[None], rest], axis=0)
+
+
+def constraints_stacked(params: DenseParams, spec: ChainSpec, x, Z):
+    """h_a = z_{a+1} − φ(W_a z_a + b_a), stacked as (N, m, width)."""
+    h0 = Z[0] - spec.act(_affine(x, params.w_in, params.b_in))
+    s = jnp.einsum("amk,aok->amo", Z[:-1], params.w_hid)
+    if params.b_hid is not None:
+        s = s + params.b_hid[:, None, :]
+    hr = Z[1:] - spec.act(s)
+    return jnp.concatenate([h0[None], hr], axis=0)
+
+
+def output_stacked(params: DenseParams, spec: ChainSpec, Z):
+    """Prediction from the last lifted state, (m, n_out)."""
+    return spec.final_act(_affine(Z[-1], params.w_out, params.b_out))
+
+
+def predict(params: DenseParams, spec: ChainSpec, x):
+    """True forward pass of the network, (m, n_out)."""
+    Z = forward_states_stacked(params, spec, x)
+    return output_stacked(params, spec, Z)
+
+
+def penalty_split(sigma):
+    """Reference penalty β and per-constraint row weights w = √(σ/β) (None if scalar)."""
+    if jnp.ndim(sigma) == 0:
+        return sigma, None
+    beta = jnp.max(sigma)
+    return beta, jnp.sqrt(sigma / beta)
+
+
+def lifted_residual(params, Z, spec, x, y, Lam, sigma):
+    """Least-squares residual [F/√β ; w ⊙ (h + λ/σ)] as a 1-D array."""
+    beta, w = penalty_split(sigma)
+    F = output_stacked(params, spec, Z) - y
+    h = constraints_stacked(params, spec, x, Z)
+    c = h + Lam / sigma
+    if w is not None:
+        c = w * c
+    return jnp.concatenate([(F / jnp.sqrt(beta)).reshape(-1), c.reshape(-1)])
+
+
+def augmented_lagrangian_stacked(params, Z, spec, x, y, Lam, sigma):
+    """L_σ = ½‖F‖² + ⟨λ, h⟩ + ½ Σ σ_i h_i²."""
+    F = output_stacked(params, spec, Z) - y
+    h = constraints_stacked(params, spec, x, Z)
+    return 0.5 * jnp.sum(F * F) + jnp.sum(Lam * h) + 0.5 * jnp.sum(sigma * h * h)

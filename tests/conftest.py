@@ -1,0 +1,13 @@
+import os
+
+# Single-threaded XLA:CPU unless the caller says otherwise: on a busy 2-core
+# machine its threaded linear algebra can slow down 10-100x (DESIGN.md §4.6).
+# Must be set before the first computation initialises the CPU backend.
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+
+import jax
+
+# Tests run in float64 with strict dtype promotion, as optimistix/lineax do:
+# accidental mixed-precision arithmetic in the library fails loudly here.
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_dtype_promotion", "strict")
