@@ -31,8 +31,10 @@ class Linearisation(NamedTuple):
     r_o: jnp.ndarray  # (m, ny) output residual
     c_h: jnp.ndarray  # (N, m, n) weight-Jacobian row scaling, stages
     c_o: jnp.ndarray  # (m, ny) weight-Jacobian row scaling, output
-    a_t: jnp.ndarray  # (N-1, m, n, n) Ã_a for a = 1..N-1
+    s_hid: jnp.ndarray  # (N-1, m, n) ω_a φ'(s_a), a = 1..N-1: Ã_a = diag(s_hid) W_a
+    w_hid: jnp.ndarray  # (N-1, n, n) W_a, a = 1..N-1 (shared by all samples)
     c_mat: jnp.ndarray  # (m, ny, n) C
+    c_mat_w: jnp.ndarray  # (ny, n) W_out, so that C = diag(c_o) W_out
     zt_in: jnp.ndarray  # (m, kF) z̃_0
     zt_hid: jnp.ndarray  # (N-1, m, kH) z̃_1..z̃_{N-1}
     zt_out: jnp.ndarray  # (m, kO) z̃_N
@@ -70,7 +72,6 @@ def linearise(params: DenseParams, spec: ChainSpec, x, y, Z, Lam, sigma, beta=No
     r_o = (phio - y) * inv_sb
     c_h = -omega * dphi
     c_o = dphio * inv_sb
-    a_t = (omega * dphi)[1:, :, :, None] * params.w_hid[:, None]
     c_mat = c_o[:, :, None] * params.w_out[None]
     return Linearisation(
         omega=omega,
@@ -78,8 +79,10 @@ def linearise(params: DenseParams, spec: ChainSpec, x, y, Z, Lam, sigma, beta=No
         r_o=r_o,
         c_h=c_h,
         c_o=c_o,
-        a_t=a_t,
+        s_hid=(omega * dphi)[1:],
+        w_hid=params.w_hid,
         c_mat=c_mat,
+        c_mat_w=params.w_out,
         zt_in=_augment(x, spec.use_bias),
         zt_hid=_augment(Z[:-1], spec.use_bias),
         zt_out=_augment(Z[-1], spec.use_final_bias),

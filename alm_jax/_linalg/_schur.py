@@ -26,11 +26,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.linalg import cho_factor, cho_solve
 
 from .._chain import ChainSpec, DenseParams
 from .._lifted import penalty_split
-from . import _blocktri
+from . import _blocktri, _onelayer
 from ._linearise import Linearisation, linearise
 
 # Elements (not bytes) of per-chunk work arrays; ~512 MiB in float64.
@@ -58,80 +59,69 @@ def default_chunk(spec: ChainSpec, m: int) -> int:
     return int(max(1, min(m, _CHUNK_BUDGET // per_sample)))
 
 
-def _projector(lin: Linearisation, fac) -> jnp.ndarray:
-    """P_j for every sample, (m, n_r, n_r), rows/cols ordered [stages; output]."""
-    omega = lin.omega
-    N, m, n = omega.shape
-    ny = lin.r_o.shape[-1]
-    dt = omega.dtype
-    eye_n = jnp.eye(n, dtype=dt)
-    diag = omega[:, :, :, None, None] * jnp.eye(N, dtype=dt)[:, None, None, :, None] * eye_n[:, None, :]
-    at_t = jnp.swapaxes(lin.a_t, -1, -2)
-    at_t = jnp.concatenate([at_t, jnp.zeros_like(at_t[:1]) if N > 1 else jnp.zeros((1, m, n, n), dt)], 0)
-    sup = -at_t[:, :, :, None, :] * jnp.eye(N, k=1, dtype=dt)[:, None, None, :, None]
-    b_state = (diag + sup).reshape(N, m, n, N * n)
-    b_out = jnp.zeros((N, m, n, ny), dt).at[-1].set(jnp.swapaxes(lin.c_mat, -1, -2))
-    b = jnp.concatenate([b_state, b_out], axis=-1)  # J_uᵀ, (N, m, n, n_r)
-    xs = _blocktri.solve(fac, b)  # H⁻¹ J_uᵀ
-    jx_h, jx_o = _blocktri.apply_ju(lin, xs)
-    jx = jnp.concatenate([jnp.moveaxis(jx_h, 0, 1).reshape(m, N * n, -1), jx_o], axis=1)
-    return jnp.eye(N * n + ny, dtype=dt) - jx
+def _elimination(spec: ChainSpec):
+    """The per-sample state elimination: closed form for one hidden layer, sweeps otherwise."""
+    return _onelayer if spec.depth == 1 else _blocktri
 
 
 def _pair(q, z1, z2):
     """Σ_j over samples of (z1 z2ᵀ) ⊗ q for grouped stages.
 
-    q: (m, G1, o1, G2, o2); z1: (G1, m, k1); z2: (G2, m, k2).
+    q: (G1, G2, m, o1, o2); z1: (G1, m, k1); z2: (G2, m, k2).
     Returns the (G1·o1·k1, G2·o2·k2) block with rows ordered (layer, out, in).
     """
     g1, m, k1 = z1.shape
     g2, _, k2 = z2.shape
-    o1, o2 = q.shape[2], q.shape[4]
+    o1, o2 = q.shape[3], q.shape[4]
     kr = jnp.einsum("gmk,hml->ghmkl", z1, z2)
-    qt = jnp.transpose(q, (1, 3, 0, 2, 4))
-    t = jnp.einsum("ghmkl,ghmab->gakhbl", kr, qt)
+    t = jnp.einsum("ghmkl,ghmab->gakhbl", kr, q)
     return t.reshape(g1 * o1 * k1, g2 * o2 * k2)
 
 
+def _pair_symmetric(q, z):
+    """`_pair(q, z, z)` for a symmetric group, computing only blocks g ≤ h."""
+    g, m, k = z.shape
+    o = q.shape[3]
+    gi, hi = np.triu_indices(g)
+    kr = z[gi][:, :, :, None] * z[hi][:, :, None, :]
+    t = jnp.einsum("pmkl,pmab->pakbl", kr, q[gi, hi]).reshape(len(gi), o * k, o * k)
+    out = jnp.zeros((g, g, o * k, o * k), q.dtype)
+    out = out.at[hi, gi].set(jnp.swapaxes(t, -1, -2)).at[gi, hi].set(t)
+    return jnp.transpose(out, (0, 2, 1, 3)).reshape(g * o * k, g * o * k)
+
+
 def _reduced_chunk(params, spec, x, y, Z, Lam, sigma, beta, mu_z, mask):
-    """This chunk's contribution to S (without μ_θ I) and to the gradient."""
+    """This chunk's contribution to S (without μ_θ I) and to the gradient, and its factor."""
     lin = linearise(params, spec, x, y, Z, Lam, sigma, beta)
-    fac = _blocktri.factor(lin, mu_z)
-    proj = _projector(lin, fac)
-    N, m, n = lin.omega.shape
-    ny = lin.r_o.shape[-1]
-    c = jnp.concatenate([jnp.moveaxis(lin.c_h, 0, 1).reshape(m, N * n), lin.c_o], 1)
-    c = c * mask[:, None]
-    r = jnp.concatenate([jnp.moveaxis(lin.r_h, 0, 1).reshape(m, N * n), lin.r_o], 1)
-    q = c[:, :, None] * proj * c[:, None, :]
-    cpr = c * jnp.einsum("mab,mb->ma", proj, r)
+    elim = _elimination(spec)
+    fac = elim.factor(lin, mu_z)
+    proj = elim.projector(lin, fac)
+    N = lin.omega.shape[0]
+    c_h = lin.c_h * mask[None, :, None]
+    c_o = lin.c_o * mask[:, None]
+    q_ss = c_h[:, None, :, :, None] * proj.ss * c_h[None, :, :, None, :]
+    q_so = c_h[..., None] * proj.so * c_o[None, :, None, :]
+    q_oo = c_o[:, :, None] * proj.oo * c_o[:, None, :]
+    pr_h = jnp.einsum("stmab,tmb->sma", proj.ss, lin.r_h) + jnp.einsum("smao,mo->sma", proj.so, lin.r_o)
+    pr_o = jnp.einsum("smao,sma->mo", proj.so, lin.r_h) + jnp.einsum("mop,mp->mo", proj.oo, lin.r_o)
 
-    # Groups of stages: first (input-sized z̃), hidden (stacked), output.
-    groups = [(lin.zt_in[None], slice(0, n), 1, n)]
+    z_in, z_out = lin.zt_in[None], lin.zt_out[None]
+    blocks = {("F", "F"): _pair(q_ss[:1, :1], z_in, z_in),
+              ("F", "O"): _pair(q_so[:1, None], z_in, z_out),
+              ("O", "O"): _pair(q_oo[None, None], z_out, z_out)}
+    names = ["F", "O"]
     if N > 1:
-        groups.append((lin.zt_hid, slice(n, N * n), N - 1, n))
-    groups.append((lin.zt_out[None], slice(N * n, N * n + ny), 1, ny))
+        names = ["F", "H", "O"]
+        blocks["F", "H"] = _pair(q_ss[:1, 1:], z_in, lin.zt_hid)
+        blocks["H", "H"] = _pair_symmetric(q_ss[1:, 1:], lin.zt_hid)
+        blocks["H", "O"] = _pair(q_so[1:, None], lin.zt_hid, z_out)
+    s_mat = jnp.block([[blocks[a, b] if (a, b) in blocks else blocks[b, a].T for b in names] for a in names])
 
-    rows = []
-    for i, (z1, s1, g1, o1) in enumerate(groups):
-        row = []
-        for j, (z2, s2, g2, o2) in enumerate(groups):
-            if j < i:
-                row.append(None)
-                continue
-            qb = q[:, s1, s2].reshape(m, g1, o1, g2, o2)
-            row.append(_pair(qb, z1, z2))
-        rows.append(row)
-    for i in range(len(groups)):
-        for j in range(i):
-            rows[i][j] = rows[j][i].T
-    s_mat = jnp.block(rows)
-
-    grads = []
-    for z1, s1, g1, o1 in groups:
-        cg = jnp.moveaxis(cpr[:, s1].reshape(m, g1, o1), 1, 0)
-        grads.append(jnp.einsum("gma,gmk->gak", cg, z1).reshape(-1))
-    return s_mat, jnp.concatenate(grads)
+    cpr_h = c_h * pr_h
+    grads = [jnp.einsum("ma,mk->ak", cpr_h[0], lin.zt_in).reshape(-1),
+             jnp.einsum("gma,gmk->gak", cpr_h[1:], lin.zt_hid).reshape(-1),
+             jnp.einsum("ma,mk->ak", c_o * pr_o, lin.zt_out).reshape(-1)]
+    return s_mat, jnp.concatenate(grads), fac
 
 
 def _split_samples(arr, axis, n_chunks, chunk):
@@ -144,7 +134,11 @@ def _split_samples(arr, axis, n_chunks, chunk):
 
 
 def reduced_system(params, spec, x, y, Z, Lam, sigma, mu_z, chunk=None):
-    """S = Σ_j J_θᵀ P J_θ and g = Σ_j J_θᵀ P r, accumulated over sample chunks."""
+    """S = Σ_j J_θᵀ P J_θ and g = Σ_j J_θᵀ P r, accumulated over sample chunks.
+
+    Also returns the per-sample block factor of H (all samples), reused by the
+    state back-substitution.
+    """
     m = x.shape[0]
     chunk = default_chunk(spec, m) if chunk is None else int(min(chunk, m))
     n_chunks = -(-m // chunk)
@@ -169,12 +163,16 @@ def reduced_system(params, spec, x, y, Z, Lam, sigma, mu_z, chunk=None):
 
     def body(acc, blk):
         xc, yc, zc, lc, sc, mc = blk
-        s_c, g_c = _reduced_chunk(params, spec, xc, yc, zc, lc, sigma if sc is None else sc, beta, mu_z, mc)
-        return (acc[0] + s_c, acc[1] + g_c), None
+        s_c, g_c, fac = _reduced_chunk(params, spec, xc, yc, zc, lc, sigma if sc is None else sc, beta, mu_z, mc)
+        return (acc[0] + s_c, acc[1] + g_c), fac
 
     init = (jnp.zeros((p, p), x.dtype), jnp.zeros((p,), x.dtype))
-    (s_mat, g), _ = jax.lax.scan(body, init, xs)
-    return s_mat, g
+    (s_mat, g), facs = jax.lax.scan(body, init, xs)
+    # (n_chunks, N, chunk, n, n) → (N, m, n, n)
+    facs = jax.tree_util.tree_map(
+        lambda a: jnp.moveaxis(a, 0, 1).reshape(a.shape[1], n_chunks * chunk, *a.shape[3:])[:, :m], facs
+    )
+    return s_mat, g, facs
 
 
 def unflatten_weights(vec, spec: ChainSpec) -> DenseParams:
@@ -217,15 +215,14 @@ def structured_step(params: DenseParams, spec: ChainSpec, x, y, Z, Lam, sigma, m
     Returns:
         (dparams, dZ): weight step as `DenseParams`, state step shaped like Z.
     """
-    s_mat, g = reduced_system(params, spec, x, y, Z, Lam, sigma, mu_z, chunk)
+    s_mat, g, fac = reduced_system(params, spec, x, y, Z, Lam, sigma, mu_z, chunk)
     s_mat = 0.5 * (s_mat + s_mat.T) + mu_w * jnp.eye(s_mat.shape[0], dtype=s_mat.dtype)
     dvec = -cho_solve(cho_factor(s_mat, lower=True), g)
     dparams = unflatten_weights(dvec, spec)
 
     lin = linearise(params, spec, x, y, Z, Lam, sigma)
-    fac = _blocktri.factor(lin, mu_z)
     jt_h, jt_o = _weight_jvp(lin, dparams, spec)
     e_h = (lin.r_h + jt_h)[..., None]
     e_o = (lin.r_o + jt_o)[..., None]
-    dZ = -_blocktri.solve(fac, _blocktri.apply_jut(lin, e_h, e_o))[..., 0]
+    dZ = -_elimination(spec).solve(fac, _blocktri.apply_jut(lin, e_h, e_o))[..., 0]
     return dparams, dZ
