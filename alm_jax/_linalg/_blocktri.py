@@ -98,7 +98,7 @@ def solve(fac: BlockTriFactor, rhs):
 
 
 def inverse_blocks(fac: BlockTriFactor):
-    """Σ = H⁻¹ for every sample, as (N, m, n, N, n) blocks Σ[i, :, :, j, :].
+    """Σ = H⁻¹ for every sample, block-major: Σ[i, j] of shape (m, n, n), (N, N, m, n, n).
 
     Selected inversion by a backward scan (Takahashi et al. 1973): from
     Lᵀ Σ = L⁻¹,
@@ -108,31 +108,31 @@ def inverse_blocks(fac: BlockTriFactor):
         Σ_{i,i}     = L_i⁻ᵀ L_i⁻¹ − Σ_{i,i+1} G_iᵀ
 
     and the lower blocks by symmetry. Each step is one batched product of an
-    n × n block with an n × N·n block row.
+    n × n block with a block row.
     """
     linv = fac.linv
     N, m, n, _ = linv.shape
     lt = jnp.swapaxes(linv, -1, -2)
     own = lt @ linv  # L_i⁻ᵀ L_i⁻¹
     blk = jnp.arange(N)
-    last = jnp.zeros((m, n, N, n), linv.dtype).at[:, :, N - 1, :].set(own[-1])
+    last = jnp.zeros((N, m, n, n), linv.dtype).at[N - 1].set(own[-1])
     if N == 1:
         return last[None]
     g = lt[:-1] @ fac.kt
 
     def step(row_next, inputs):
         i, gi, own_i = inputs
-        tmp = -jnp.einsum("mab,mbjc->majc", gi, row_next)
-        off = jax.lax.dynamic_index_in_dim(tmp, i + 1, axis=2, keepdims=False)  # Σ_{i,i+1}
+        tmp = -jnp.einsum("mab,jmbc->jmac", gi, row_next)
+        off = jax.lax.dynamic_index_in_dim(tmp, i + 1, axis=0, keepdims=False)  # Σ_{i,i+1}
         diag = own_i - off @ jnp.swapaxes(gi, -1, -2)
-        row = jnp.where((blk > i)[None, None, :, None], tmp, 0)
-        row = jax.lax.dynamic_update_index_in_dim(row, diag, i, axis=2)
+        row = jnp.where((blk > i)[:, None, None, None], tmp, 0)
+        row = jax.lax.dynamic_update_index_in_dim(row, diag, i, axis=0)
         return row, row
 
     _, rows = jax.lax.scan(step, last, (blk[:-1], g, own[:-1]), reverse=True)
     upper = jnp.concatenate([rows, last[None]], 0)  # zero below the block diagonal
-    lower = jnp.transpose(upper, (3, 1, 4, 0, 2))
-    below = (blk[None, :] < blk[:, None])[:, None, None, :, None]  # j < i
+    lower = jnp.swapaxes(jnp.swapaxes(upper, 0, 1), -1, -2)
+    below = (blk[None, :] < blk[:, None])[:, :, None, None, None]  # j < i
     return jnp.where(below, lower, upper)
 
 
@@ -152,30 +152,26 @@ def projector(lin: Linearisation, fac: BlockTriFactor) -> Projector:
     products with J_u are elementwise scalings and large GEMMs over the
     sample axis; only the selected inversion above is per-sample work.
     """
-    sig = inverse_blocks(fac)  # (N_i, m, n, N_t, n)
+    sig = inverse_blocks(fac)  # (N_i, N_t, m, n, n)
     omega, w_out = lin.omega, lin.c_mat_w
     N, m, n = omega.shape
-    s_hid_t = jnp.moveaxis(lin.s_hid, 0, 1)[None, :, None]  # (1, m, 1, N-1, n)
-    # T = Σ J_uᵀ, stage columns (N_i, m, n, N_t, n) and output columns (N_i, m, n, ny)
-    t_st = sig * jnp.moveaxis(omega, 0, 1)[None, :, None]
+    # T = Σ J_uᵀ: stage columns (N_i, N_t, m, n, n), output columns (N_i, m, n, ny)
+    t_st = sig * omega[None, :, :, None, :]
     if N > 1:
-        shifted = jnp.einsum("imatk,tok->imato", sig[:, :, :, :-1, :], lin.w_hid)
-        t_st = t_st.at[:, :, :, 1:, :].add(-shifted * s_hid_t)
-    t_out = jnp.einsum("imak,ok->imao", sig[:, :, :, -1, :], w_out) * lin.c_o[None, :, None, :]
-
-    def rows(t):  # J_u t: stage rows (N_s, m, n, ...) and output rows (m, ny, ...)
-        rt = omega.reshape(omega.shape + (1,) * (t.ndim - 3)) * t
-        if N > 1:
-            wt = jnp.einsum("aok,amk...->amo...", lin.w_hid, t[:-1])
-            rt = rt.at[1:].add(-wt * lin.s_hid.reshape(lin.s_hid.shape + (1,) * (t.ndim - 3)))
-        ro = jnp.einsum("ok,mk...->mo...", w_out, t[-1]) * lin.c_o.reshape(lin.c_o.shape + (1,) * (t.ndim - 3))
-        return rt, ro
-
-    rt_st, _ = rows(t_st)  # (N_s, m, n, N_t, n)
-    rt_so, rt_oo = rows(t_out)  # (N_s, m, n, ny), (m, ny, ny)
-    eye_n = jnp.eye(n, dtype=omega.dtype)
-    ss = jnp.eye(N, dtype=omega.dtype)[:, :, None, None, None] * eye_n - jnp.transpose(rt_st, (0, 3, 1, 2, 4))
-    oo = jnp.eye(rt_oo.shape[-1], dtype=omega.dtype) - rt_oo
+        shifted = jnp.einsum("itmak,tok->itmao", sig[:, :-1], lin.w_hid)
+        t_st = t_st.at[:, 1:].add(-shifted * lin.s_hid[None, :, :, None, :])
+    t_out = jnp.einsum("imak,ok->imao", sig[:, -1], w_out) * lin.c_o[None, :, None, :]
+    # J_u T: stage rows
+    rt_st = omega[:, None, :, :, None] * t_st
+    rt_so = omega[..., None] * t_out
+    if N > 1:
+        rt_st = rt_st.at[1:].add(-jnp.einsum("sok,stmkb->stmob", lin.w_hid, t_st[:-1])
+                                 * lin.s_hid[:, None, :, :, None])
+        rt_so = rt_so.at[1:].add(-jnp.einsum("sok,smkb->smob", lin.w_hid, t_out[:-1]) * lin.s_hid[..., None])
+    rt_oo = jnp.einsum("ok,mkb->mob", w_out, t_out[-1]) * lin.c_o[..., None]
+    dt = omega.dtype
+    ss = jnp.eye(N, dtype=dt)[:, :, None, None, None] * jnp.eye(n, dtype=dt) - rt_st
+    oo = jnp.eye(rt_oo.shape[-1], dtype=dt) - rt_oo
     return Projector(ss, -rt_so, oo)
 
 

@@ -26,9 +26,11 @@ from ._linearise import Linearisation
 
 
 class WoodburyFactor(NamedTuple):
+    # A leading layer axis of length 1 keeps the sample axis second, as in
+    # the block-tridiagonal factor, so chunked results are stitched alike.
     d_inv: jnp.ndarray  # (1, m, n) D⁻¹
-    u: jnp.ndarray  # (m, n, ny) D⁻¹ Cᵀ
-    k_inv: jnp.ndarray  # (m, ny, ny)
+    u: jnp.ndarray  # (1, m, n, ny) D⁻¹ Cᵀ
+    k_inv: jnp.ndarray  # (1, m, ny, ny)
 
 
 def factor(lin: Linearisation, mu_z) -> WoodburyFactor:
@@ -36,21 +38,22 @@ def factor(lin: Linearisation, mu_z) -> WoodburyFactor:
     d_inv = 1 / (omega * omega + mu_z)
     u = d_inv[0][:, :, None] * jnp.swapaxes(c_mat, -1, -2)
     k = jnp.eye(c_mat.shape[1], dtype=omega.dtype) + c_mat @ u
-    return WoodburyFactor(d_inv, u, jnp.linalg.inv(k))
+    return WoodburyFactor(d_inv, u[None], jnp.linalg.inv(k)[None])
 
 
 def projector(lin: Linearisation, fac: WoodburyFactor) -> Projector:
     omega = lin.omega[0]
     n = omega.shape[-1]
-    wu = omega[:, :, None] * fac.u
-    wuk = wu @ fac.k_inv
+    wu = omega[:, :, None] * fac.u[0]
+    wuk = wu @ fac.k_inv[0]
     diag = 1 - omega * omega * fac.d_inv[0]
     ss = diag[:, :, None] * jnp.eye(n, dtype=omega.dtype) + wuk @ jnp.swapaxes(wu, -1, -2)
-    return Projector(ss[None, None], -wuk[None], fac.k_inv)
+    return Projector(ss[None, None], -wuk[None], fac.k_inv[0])
 
 
 def solve(fac: WoodburyFactor, rhs):
     """H⁻¹ rhs for rhs of shape (1, m, n, q)."""
     b = rhs[0]
-    x = fac.d_inv[0][..., None] * b - fac.u @ (fac.k_inv @ (jnp.swapaxes(fac.u, -1, -2) @ b))
+    u, k_inv = fac.u[0], fac.k_inv[0]
+    x = fac.d_inv[0][..., None] * b - u @ (k_inv @ (jnp.swapaxes(u, -1, -2) @ b))
     return x[None]
