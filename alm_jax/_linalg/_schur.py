@@ -9,8 +9,9 @@ eliminated (Schur complement, DESIGN.md §4.2):
     S   = Σ_j J_θ,jᵀ P_j J_θ,j + μ_θ I,     S dθ = −Σ_j J_θ,jᵀ P_j r_j
     dz_j = −H_j⁻¹ J_u,jᵀ (r_j + J_θ,j dθ)
 
-H_j is block tridiagonal over layers and is factored by a forward sweep
-(`_blocktri`). For dense layers J_θ,j = diag(c)(rows ⊗ z̃ᵀ), so each block of S
+H_j is block tridiagonal over layers: it is factored by a forward sweep and
+P_j formed from a backward selected-inversion sweep (`_blocktri`), or, with
+one hidden layer, both in closed form (`_onelayer`). For dense layers J_θ,j = diag(c)(rows ⊗ z̃ᵀ), so each block of S
 is one matrix product over the sample axis (the Kronecker trick):
 
     S_st = Σ_j (z̃_s z̃_tᵀ) ⊗ (diag(c_s) P_j[s,t] diag(c_t))
@@ -36,6 +37,10 @@ from ._linearise import Linearisation, linearise
 
 # Elements (not bytes) of per-chunk work arrays; ~512 MiB in float64.
 _CHUNK_BUDGET = 1 << 26
+# On CPU the per-sample passes are bound by memory traffic; chunks of about a
+# thousand samples keep them closer to cache and were 5-13 % faster than one
+# chunk at m = 4000 (depth 2 and 4, width 32, float64, single-threaded XLA).
+_CPU_CHUNK_CAP = 1024
 
 
 def _layout(spec: ChainSpec):
@@ -56,7 +61,12 @@ def default_chunk(spec: ChainSpec, m: int) -> int:
     n, N = spec.width, spec.depth
     n_r = N * n + spec.n_out
     per_sample = 6 * n_r * n_r + N * N * (n + 1) ** 2
-    return int(max(1, min(m, _CHUNK_BUDGET // per_sample)))
+    chunk = _CHUNK_BUDGET // per_sample
+    if jax.default_backend() == "cpu":
+        chunk = min(chunk, _CPU_CHUNK_CAP)
+    chunk = max(1, min(m, chunk))
+    n_chunks = -(-m // chunk)
+    return -(-m // n_chunks)  # equal chunks: least padding
 
 
 def _elimination(spec: ChainSpec):
