@@ -44,10 +44,14 @@ class BertsekasState(NamedTuple):
 
 
 def bertsekas(beta0=10.0, gamma=10.0, tau=0.25, eps0=1.0, eps_factor=0.1, eps_min=1e-8,
-              beta_max=1e12, multiplier_bound=math.inf) -> Policy:
+              beta_max=1e12, feasibility_tol=1e-10, multiplier_bound=math.inf) -> Policy:
     """Classical rule: grow β when the infeasibility did not drop enough.
 
-        β ← γβ  if ‖h_k‖ > τ‖h_{k−1}‖,      ε ← max(ε_min, κε)
+        β ← γβ  if ‖h_k‖ > τ‖h_{k−1}‖ and ‖h_k‖∞ > feasibility_tol,
+        ε ← max(ε_min, κε)
+
+    The feasibility test (as alpaqa's `dual_tolerance`) keeps round-off in an
+    already feasible h from driving β to `beta_max`.
 
     References:
         D. P. Bertsekas, *Constrained Optimization and Lagrange Multiplier
@@ -65,7 +69,8 @@ def bertsekas(beta0=10.0, gamma=10.0, tau=0.25, eps0=1.0, eps_factor=0.1, eps_mi
 
     def update(s, f, h):
         hn = _norm2(h)
-        sigma = jnp.where(hn > tau * s.h_prev, jnp.minimum(gamma * s.sigma, beta_max), s.sigma)
+        grow = (hn > tau * s.h_prev) & (_norm_inf(h) > feasibility_tol)
+        sigma = jnp.where(grow, jnp.minimum(gamma * s.sigma, beta_max), s.sigma)
         eps = jnp.maximum(eps_min, eps_factor * s.eps)
         return BertsekasState(sigma, eps, hn), jnp.asarray(True)
 
@@ -116,10 +121,12 @@ class AlgencanState(NamedTuple):
     h_prev: Any
 
 
-def algencan(eps_opt=1e-8, gamma=10.0, tau=0.5, beta_max=1e20, multiplier_bound=1e20) -> Policy:
+def algencan(eps_opt=1e-8, gamma=10.0, tau=0.5, beta_max=1e20, feasibility_tol=1e-8,
+             multiplier_bound=1e20) -> Policy:
     """Birgin–Martínez safeguarded ALM (ALGENCAN's rule).
 
-        β_0 = 10·max(1, |f|)/max(1, ½‖h‖²),   β ← γβ if ‖h_k‖∞ > τ‖h_{k−1}‖∞
+        β_0 = 10·max(1, |f|)/max(1, ½‖h‖²),
+        β ← γβ if ‖h_k‖∞ > τ‖h_{k−1}‖∞ and ‖h_k‖∞ > feasibility_tol (ε_feas)
         ε_1 = √ε_opt, then ε ← max(ε_opt, 0.1ε);   λ clipped to ±1e20.
 
     References:
@@ -136,7 +143,8 @@ def algencan(eps_opt=1e-8, gamma=10.0, tau=0.5, beta_max=1e20, multiplier_bound=
 
     def update(s, f, h):
         hi = _norm_inf(h)
-        sigma = jnp.where(hi > tau * s.h_prev, jnp.minimum(gamma * s.sigma, beta_max), s.sigma)
+        grow = (hi > tau * s.h_prev) & (hi > feasibility_tol)
+        sigma = jnp.where(grow, jnp.minimum(gamma * s.sigma, beta_max), s.sigma)
         return AlgencanState(sigma, jnp.maximum(eps_opt, 0.1 * s.eps), hi), jnp.asarray(True)
 
     return Policy("algencan", init, update, multiplier_bound)

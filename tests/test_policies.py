@@ -95,3 +95,11 @@ def test_unknown_policy_name():
     with pytest.raises(ValueError, match="policy"):
         policies.get_policy("lancelott")
     assert math.isinf(policies.get_policy("bertsekas").multiplier_bound)
+
+
+@pytest.mark.parametrize("name", ["bertsekas", "algencan"])
+def test_no_penalty_growth_once_feasible(name):
+    """Round-off fluctuations of an already feasible h do not raise β."""
+    pol = policies.get_policy(name)
+    states, _ = run(pol, 5.0, [1e-13, 1e-12, 1e-11])
+    assert len({float(s.sigma) for s in states}) == 1
