@@ -9,6 +9,7 @@ from . import datasets as datasets
 from . import policies as policies
 from ._alm import ALMInfo as ALMInfo, ALMSolver as ALMSolver, ALMState as ALMState, alm as alm
 from ._fit import FitResult as FitResult, History as History, fit as fit
+from ._sharding import sample_mesh as sample_mesh, shard_samples as shard_samples
 from ._functional import (
     apply_updates as apply_updates,
     augmented_lagrangian as augmented_lagrangian,

@@ -1,0 +1,53 @@
+"""Data parallelism: samples sharded over 4 forced CPU devices give the
+single-device result up to float64 round-off (run in a subprocess, since the
+device count is fixed when JAX starts)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, equinox as eqx, numpy as np
+    jax.config.update("jax_enable_x64", True)
+    from jax.flatten_util import ravel_pytree
+    import alm_jax
+
+    assert len(jax.devices()) == 4, jax.devices()
+    data = alm_jax.datasets.load_uci("yacht")
+    x, y = jnp.asarray(data.x_train[:256]), jnp.asarray(data.y_train[:256])
+    model = eqx.nn.MLP(6, 1, 8, 3, activation=jnp.tanh, key=jax.random.key(0))
+    for policy in ["bertsekas", "alpaqa"]:
+        solver = alm_jax.alm(policy=policy, max_inner_steps=2)
+        update = jax.jit(solver.update)
+        one = solver.init(model, x, y)
+        xs, ys, many = alm_jax.shard_samples(alm_jax.sample_mesh(), x, y, one)
+        for _ in range(6):
+            one, info1 = update(one, x, y)
+            many, info4 = update(many, xs, ys)
+        assert len(many.states.sharding.device_set) == 4
+        a, b = ravel_pytree(one.params)[0], ravel_pytree(many.params)[0]
+        rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
+        # identical algorithm, only the order of the sums over samples differs
+        assert rel < 1e-12, rel
+        assert float(jnp.max(jnp.abs(one.states - many.states))) < 1e-12
+        assert abs(float(info1.mse) - float(info4.mse)) <= 1e-12 * float(info1.mse)
+    try:
+        alm_jax.shard_samples(alm_jax.sample_mesh(), x[:255], y[:255])
+    except ValueError as err:
+        assert "divisible" in str(err)
+    else:
+        raise AssertionError("uneven split accepted")
+    print("OK")
+    """
+)
+
+
+def test_four_devices_match_one():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_cpu_multi_thread_eigen=false " \
+                       "intra_op_parallelism_threads=1"
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip().endswith("OK")
