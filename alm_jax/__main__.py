@@ -72,8 +72,7 @@ def main(argv=None) -> int:
             print(f"  {i + 1:5d}  {hist.time[i]:8.2f}   {hist.mse[i]:15.4e}  {hist.h_norm[i]:9.2e}  "
                   f"{hist.beta[i]:8.1e}  {hist.damping[i]:9.2e}")
 
-    adam_model, adam_steps, adam_seconds = train_adam(model, data.x_train, data.y_train,
-                                                      time_budget=alm_seconds, learning_rate=args.adam_lr)
+    adam = train_adam(model, data.x_train, data.y_train, time_budget=alm_seconds, learning_rate=args.adam_lr)
 
     def report(mdl):
         pred_tr = np.asarray(jax.vmap(mdl)(data.x_train))
@@ -82,7 +81,7 @@ def main(argv=None) -> int:
         return mse_units, data.rmse_in_units(pred_te, data.y_test)
 
     rows = [("ALM + structured LM", len(hist.mse), alm_seconds, *report(result.model)),
-            (f"Adam (lr {args.adam_lr:g})", adam_steps, adam_seconds, *report(adam_model))]
+            (f"Adam (lr {args.adam_lr:g})", adam.steps, adam.seconds, *report(adam.model))]
     print(f"\nresults on {args.dataset} (train MSE and test RMSE in the data's units)")
     print(f"  {'method':22s} {'steps':>7s} {'wall s':>8s} {'train MSE':>12s} {'test RMSE':>10s}")
     for name, steps, secs, mse, rmse in rows:

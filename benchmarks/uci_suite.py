@@ -1,0 +1,154 @@
+"""UCI regression suite: ALM vs single-shooting peers at equal wall-clock.
+
+Protocol (Hernández-Lobato & Adams 2015): standardise on the training split,
+one hidden layer of 50 tanh units, the fixed splits (a few in quick mode, all
+20 with --full). Every method starts from the same initial weights and gets
+the same wall-clock budget, compilation included:
+
+* `alm`    — this library, `alm_jax.fit` (default options or --policy);
+* `optx_lm` — optimistix Levenberg–Marquardt on the residual (single shooting);
+* `lbfgs`  — optax.lbfgs with its zoom line search;
+* `adam`   — full-batch Adam, best of a learning-rate grid (by train MSE).
+
+Reports final train MSE (standardised), test RMSE (data units), mean ± standard
+error over splits, and the median time to reach `--target` train MSE; writes
+JSON and one PNG per data set (train MSE vs seconds, all methods).
+
+    python benchmarks/uci_suite.py                  # quick: 2 splits, 10 s per method
+    python benchmarks/uci_suite.py --full           # 20 splits, 60 s per method
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import alm_jax  # noqa: E402
+from alm_jax._baselines import train_adam, train_lbfgs, train_optx_lm  # noqa: E402
+
+ADAM_GRID = (1e-3, 3e-3, 1e-2)
+
+
+def run_alm(model, x, y, budget, policy):
+    res = alm_jax.fit(model, x, y, time_budget=budget, progress=False, policy=policy)
+    return res.model, list(res.history.time), list(res.history.mse)
+
+
+def run_adam(model, x, y, budget):
+    runs = [train_adam(model, x, y, time_budget=budget, learning_rate=lr) for lr in ADAM_GRID]
+    best = min(runs, key=lambda r: r.mses[-1] if r.mses else np.inf)
+    return best.model, best.times, best.mses, ADAM_GRID[runs.index(best)]
+
+
+def first_time_below(times, mses, target):
+    for t, v in zip(times, mses):
+        if v <= target:
+            return t
+    return None
+
+
+def evaluate(model, data):
+    pred_tr = np.asarray(jax.vmap(model)(jnp.asarray(data.x_train)))
+    pred_te = np.asarray(jax.vmap(model)(jnp.asarray(data.x_test)))
+    return float(np.mean((pred_tr - data.y_train) ** 2)), data.rmse_in_units(pred_te, data.y_test)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--datasets", nargs="*", default=list(alm_jax.datasets.UCI_DATASETS))
+    ap.add_argument("--splits", type=int, default=None)
+    ap.add_argument("--budget", type=float, default=None, help="seconds per method and split")
+    ap.add_argument("--methods", nargs="*", default=["alm", "optx_lm", "lbfgs", "adam"])
+    ap.add_argument("--policy", default="bertsekas")
+    ap.add_argument("--width", type=int, default=50)
+    ap.add_argument("--target", type=float, default=0.05, help="train MSE (standardised) for time-to-target")
+    ap.add_argument("--out", default="benchmarks/out/uci")
+    args = ap.parse_args(argv)
+    jax.config.update("jax_enable_x64", True)
+    n_splits = args.splits or (20 if args.full else 2)
+    budget = args.budget or (60.0 if args.full else 10.0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"command": " ".join(["python"] + sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "device": str(jax.devices()[0]), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "float": "float64",
+            "budget_s": budget, "splits": n_splits, "width": args.width, "policy": args.policy}
+    print(f"# UCI suite: {n_splits} splits, {budget:g} s per method, 1x{args.width} tanh, float64, "
+          f"XLA_FLAGS={meta['XLA_FLAGS']!r}")
+    results = {}
+    for name in args.datasets:
+        per_method = {m: {"train_mse": [], "test_rmse": [], "t_target": [], "curves": []} for m in args.methods}
+        for split in range(n_splits):
+            data = alm_jax.datasets.load_uci(name, split)
+            model = eqx.nn.MLP(data.x_train.shape[1], 1, args.width, 1, activation=jnp.tanh,
+                               key=jax.random.key(split))
+            x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+            for method in args.methods:
+                extra = None
+                if method == "alm":
+                    trained, times, mses = run_alm(model, x, y, budget, args.policy)
+                elif method == "adam":
+                    trained, times, mses, extra = run_adam(model, x, y, budget)
+                elif method == "lbfgs":
+                    r = train_lbfgs(model, x, y, time_budget=budget)
+                    trained, times, mses = r.model, r.times, r.mses
+                elif method == "optx_lm":
+                    r = train_optx_lm(model, x, y, time_budget=budget)
+                    trained, times, mses = r.model, r.times, r.mses
+                else:
+                    raise ValueError(f"--methods: unknown method {method!r}")
+                train_mse, test_rmse = evaluate(trained, data)
+                rec = per_method[method]
+                rec["train_mse"].append(train_mse)
+                rec["test_rmse"].append(test_rmse)
+                rec["t_target"].append(first_time_below(times, mses, args.target))
+                rec["curves"].append({"time": [float(t) for t in times], "mse": [float(v) for v in mses],
+                                      "adam_lr": extra})
+        results[name] = per_method
+        print(f"\n{name}: train MSE (standardised) | test RMSE (data units) | median s to train MSE ≤ {args.target:g}")
+        for method, rec in per_method.items():
+            tr, te = np.asarray(rec["train_mse"]), np.asarray(rec["test_rmse"])
+            se = lambda a: a.std(ddof=1) / np.sqrt(len(a)) if len(a) > 1 else 0.0
+            hits = [t for t in rec["t_target"] if t is not None]
+            tt = f"{np.median(hits):6.2f}" if len(hits) == len(rec["t_target"]) else f"{len(hits)}/{len(rec['t_target'])} reached"
+            print(f"  {method:8s} {tr.mean():.3e} ± {se(tr):.1e} | {te.mean():.4g} ± {se(te):.2g} | {tt}")
+        _plot(name, per_method, out / f"{name}.png")
+    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"\n# wrote {out}/results.json and one PNG per data set")
+
+
+def _plot(name, per_method, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional: pip install -e ".[bench]"
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for method, rec in per_method.items():
+        c = rec["curves"][0]
+        if c["time"]:
+            ax.semilogy(c["time"], c["mse"], label=method)
+    ax.set_xlabel("seconds (compilation included)")
+    ax.set_ylabel("train MSE (standardised)")
+    ax.set_title(f"{name}, split 0")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
