@@ -24,16 +24,19 @@ class BaselineRun(NamedTuple):
     mses: list  # training MSE at each record
 
 
-def _mse_fn(static, x, y):
-    def mse(p):
-        pred = jax.vmap(eqx.combine(p, static))(x)
-        return jnp.mean((pred.reshape(y.shape) - y) ** 2)
+def _predict(static, x, y):
+    def predict(p):
+        return jax.vmap(eqx.combine(p, static))(x).reshape(y.shape)
 
-    return mse
+    return predict
 
 
-def _loop(start, time_budget, run, carry, mse_of, steps_per_call):
-    """Call the compiled `run` until the next call would overrun the budget."""
+def _run_budgeted(start, time_budget, run, carry, static, x, y, steps_per_call) -> BaselineRun:
+    """Compile `run` (carry → carry, weights first), then call it until the next
+    call would overrun the budget, recording the training MSE after each call."""
+    predict = _predict(static, x, y)
+    mse = jax.jit(lambda p: jnp.mean((predict(p) - y) ** 2))
+    run = jax.jit(run).lower(*carry).compile()
     times, mses, steps, per_call = [], [], 0, 0.0
     while True:
         now = time.perf_counter()
@@ -43,59 +46,49 @@ def _loop(start, time_budget, run, carry, mse_of, steps_per_call):
         per_call = time.perf_counter() - now
         steps += steps_per_call
         times.append(time.perf_counter() - start)
-        mses.append(float(mse_of(carry)))
-    return carry, steps, times, mses
+        mses.append(float(mse(carry[0])))
+    return BaselineRun(eqx.combine(carry[0], static), steps, time.perf_counter() - start, times, mses)
+
+
+def _optax_budgeted(opt, update, model, x, y, time_budget, steps_per_call) -> BaselineRun:
+    """Full-batch optax loop: `update(p, s, loss) -> (updates, s)`, `steps_per_call` per compiled call."""
+    start = time.perf_counter()
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    predict = _predict(static, x, y)
+
+    def loss(p):
+        return 0.5 * jnp.mean((predict(p) - y) ** 2)
+
+    def run(p, s):
+        def body(_, c):
+            u, s = update(c[0], c[1], loss)
+            return optax.apply_updates(c[0], u), s
+
+        return jax.lax.fori_loop(0, steps_per_call, body, (p, s))
+
+    return _run_budgeted(start, time_budget, run, (params, opt.init(params)), static, x, y, steps_per_call)
 
 
 def train_adam(model, x, y, *, time_budget: float, learning_rate: float = 1e-2,
                steps_per_call: int = 50) -> BaselineRun:
     """Full-batch Adam on ½·mean‖Φ(x) − y‖² (Kingma & Ba 2015)."""
-    start = time.perf_counter()
     opt = optax.adam(learning_rate)
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    mse = _mse_fn(static, x, y)
 
-    def run(p, s):
-        def body(_, c):
-            p, s = c
-            u, s = opt.update(jax.grad(lambda q: 0.5 * mse(q))(p), s, p)
-            return optax.apply_updates(p, u), s
+    def update(p, s, loss):
+        return opt.update(jax.grad(loss)(p), s, p)
 
-        return jax.lax.fori_loop(0, steps_per_call, body, (p, s))
-
-    carry = (params, opt.init(params))
-    run = jax.jit(run).lower(*carry).compile()
-    mse_j = jax.jit(mse)
-    carry, steps, times, mses = _loop(start, time_budget, run, carry, lambda c: mse_j(c[0]), steps_per_call)
-    return BaselineRun(eqx.combine(carry[0], static), steps, time.perf_counter() - start, times, mses)
+    return _optax_budgeted(opt, update, model, x, y, time_budget, steps_per_call)
 
 
 def train_lbfgs(model, x, y, *, time_budget: float, steps_per_call: int = 10) -> BaselineRun:
     """Full-batch `optax.lbfgs` with its default zoom line search (Nocedal & Wright Alg. 7.5)."""
-    start = time.perf_counter()
     opt = optax.lbfgs()
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    mse = _mse_fn(static, x, y)
 
-    def loss(p):
-        return 0.5 * mse(p)
+    def update(p, s, loss):
+        v, g = optax.value_and_grad_from_state(loss)(p, state=s)
+        return opt.update(g, s, p, value=v, grad=g, value_fn=loss)
 
-    value_and_grad = optax.value_and_grad_from_state(loss)
-
-    def run(p, s):
-        def body(_, c):
-            p, s = c
-            v, g = value_and_grad(p, state=s)
-            u, s = opt.update(g, s, p, value=v, grad=g, value_fn=loss)
-            return optax.apply_updates(p, u), s
-
-        return jax.lax.fori_loop(0, steps_per_call, body, (p, s))
-
-    carry = (params, opt.init(params))
-    run = jax.jit(run).lower(*carry).compile()
-    mse_j = jax.jit(mse)
-    carry, steps, times, mses = _loop(start, time_budget, run, carry, lambda c: mse_j(c[0]), steps_per_call)
-    return BaselineRun(eqx.combine(carry[0], static), steps, time.perf_counter() - start, times, mses)
+    return _optax_budgeted(opt, update, model, x, y, time_budget, steps_per_call)
 
 
 def train_optx_lm(model, x, y, *, time_budget: float, steps_per_call: int = 5) -> BaselineRun:
@@ -109,19 +102,12 @@ def train_optx_lm(model, x, y, *, time_budget: float, steps_per_call: int = 5) -
 
     start = time.perf_counter()
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    mse = _mse_fn(static, x, y)
-
-    def residual(p, _):
-        return (jax.vmap(eqx.combine(p, static))(x).reshape(y.shape) - y).reshape(-1)
-
+    predict = _predict(static, x, y)
     solver = optx.LevenbergMarquardt(rtol=1e-12, atol=1e-12)
 
     def run(p):
-        sol = optx.least_squares(residual, solver, p, max_steps=steps_per_call, throw=False)
+        sol = optx.least_squares(lambda q, _: (predict(q) - y).reshape(-1), solver, p,
+                                 max_steps=steps_per_call, throw=False)
         return (sol.value,)
 
-    carry = (params,)
-    run = jax.jit(run).lower(*carry).compile()
-    mse_j = jax.jit(mse)
-    carry, steps, times, mses = _loop(start, time_budget, run, carry, lambda c: mse_j(c[0]), steps_per_call)
-    return BaselineRun(eqx.combine(carry[0], static), steps, time.perf_counter() - start, times, mses)
+    return _run_budgeted(start, time_budget, run, (params,), static, x, y, steps_per_call)
