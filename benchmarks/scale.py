@@ -22,10 +22,8 @@ not), and is the process's peak so far.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,26 +37,16 @@ import optax  # noqa: E402
 
 from alm_jax._chain import mlp_to_chain  # noqa: E402
 from alm_jax._lifted import forward_states_stacked  # noqa: E402
-from alm_jax._linalg import num_weights, structured_step  # noqa: E402
+from alm_jax._linalg import num_weights  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from step_cost import single_shooting_step  # noqa: E402
-
-
-def _median_time(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+from step_cost import lifted_step, median_time, single_shooting_step, write_results  # noqa: E402
 
 
 def matmul_rate(dtype, size, repeats=3):
     a = jax.random.normal(jax.random.key(0), (size, size), dtype)
     f = jax.jit(lambda a: a @ a)
-    t = _median_time(f, a, repeats=repeats)
+    t = median_time(f, a, repeats=repeats)
     return 2 * size**3 / t
 
 
@@ -102,18 +90,16 @@ def run_config(depth, width, m, n_in, dtype, repeats, limit):
     Z = forward_states_stacked(params, spec, x)
     lam = jnp.zeros_like(Z)
     mu = jnp.asarray(1e-3, dtype)
-    step = jax.jit(lambda p, z, lam, x, y: structured_step(p, spec, x, y, z, lam, jnp.asarray(10.0, dtype),
-                                                           mu, 1e-6 * mu))
-    t = _median_time(step, params, Z, lam, x, y, repeats=repeats)
+    t = median_time(lifted_step(spec, dtype), params, Z, lam, x, y, repeats=repeats)
     row.update(lifted_s=t, assembly_flops=2.0 * m * P * P, cholesky_flops=P**3 / 3,
                peak_bytes_after_lifted=peak_bytes())
     if 2 * m * P * item < limit / 2:
         ss, flat = single_shooting_step(model)
-        row["single_shooting_s"] = _median_time(ss, flat, x, y, mu, repeats=repeats)
+        row["single_shooting_s"] = median_time(ss, flat, x, y, mu, repeats=repeats)
     else:
         row["single_shooting_s"] = None
     epoch, p0, s0 = adam_epoch(model, x, y)
-    row["adam_epoch_s"] = _median_time(epoch, p0, s0, repeats=repeats)
+    row["adam_epoch_s"] = median_time(epoch, p0, s0, repeats=repeats)
     row["peak_bytes"] = peak_bytes()
     return row
 
@@ -164,10 +150,7 @@ def main(argv=None):
             print(f"{depth}x{width:<5} {m:8d} {r['P']:7d} {r['lifted_s']:9.3f} "
                   f"{(r['assembly_flops'] + r['cholesky_flops']) / 1e9:8.1f} {frac:8.1%} {gn} "
                   f"{r['adam_epoch_s']:8.4f} {peak}", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"# wrote {out}")
+    write_results(args.out, meta, rows)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ from alm_jax._lifted import forward_states_stacked  # noqa: E402
 from alm_jax._linalg import num_weights, structured_step  # noqa: E402
 
 
-def _time(fn, *args, repeats):
+def median_time(fn, *args, repeats):
+    """Median wall-clock of `fn(*args)` over `repeats` runs after one warm-up."""
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
@@ -64,6 +65,20 @@ def single_shooting_step(model):
     return step, flat
 
 
+def lifted_step(spec, dtype):
+    """The jitted structured step, μ_θ = 1e-3, μ_z = 1e-9, β = 10."""
+    mu = jnp.asarray(1e-3, dtype)
+    return jax.jit(lambda p, z, lam, x, y: structured_step(p, spec, x, y, z, lam, jnp.asarray(10.0, dtype),
+                                                           mu, 1e-6 * mu))
+
+
+def write_results(path, meta, rows):
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"# wrote {out}")
+
+
 def bench(depth, width, m, n_in, repeats, dtype):
     key = jax.random.split(jax.random.key(depth * 1000 + m), 3)
     model = eqx.nn.MLP(n_in, 1, width, depth, activation=jnp.tanh, dtype=dtype, key=key[0])
@@ -73,11 +88,10 @@ def bench(depth, width, m, n_in, repeats, dtype):
     Z = forward_states_stacked(params, spec, x)
     lam = jnp.zeros_like(Z)
     mu = jnp.asarray(1e-3, dtype)
-    lifted = jax.jit(lambda p, z, lam, x, y: structured_step(p, spec, x, y, z, lam, jnp.asarray(10.0, dtype),
-                                                             mu, 1e-6 * mu))
-    t_lifted = _time(lifted, params, Z, lam, x, y, repeats=repeats)
+    lifted = lifted_step(spec, dtype)
+    t_lifted = median_time(lifted, params, Z, lam, x, y, repeats=repeats)
     ss, flat = single_shooting_step(model)
-    t_ss = _time(ss, flat, x, y, mu, repeats=repeats)
+    t_ss = median_time(ss, flat, x, y, mu, repeats=repeats)
     return {"depth": depth, "width": width, "m": m, "n_in": n_in, "P": num_weights(spec),
             "lifted_s": t_lifted, "single_shooting_s": t_ss, "ratio": t_lifted / t_ss}
 
@@ -115,10 +129,7 @@ def main(argv=None):
             rows.append(r)
             print(f"{depth:5d} {m:7d} {r['P']:6d} {r['lifted_s']:10.4f} {r['single_shooting_s']:10.4f} "
                   f"{r['ratio']:6.2f} {1e6 * r['lifted_s'] / m:17.1f}", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"# wrote {out}")
+    write_results(args.out, meta, rows)
 
 
 if __name__ == "__main__":
