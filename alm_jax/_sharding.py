@@ -8,7 +8,6 @@ sum the reduced weight system across devices; the P × P solve is replicated.
 
 from __future__ import annotations
 
-import equinox as eqx
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -52,15 +51,9 @@ def shard_samples(mesh: Mesh, x, y, state: ALMState | None = None, axis_name: st
     if state is None:
         return x, y
     replicated = NamedSharding(mesh, PartitionSpec())
-    per_sample = lambda a: _put(a, mesh, 1, axis_name)  # (N, m, width) arrays
-    policy = state.policy
-    if np.ndim(policy.sigma) > 0:
-        policy = policy._replace(sigma=per_sample(policy.sigma))
-        if hasattr(policy, "h_prev") and np.ndim(policy.h_prev) > 0:
-            policy = policy._replace(h_prev=per_sample(policy.h_prev))
-    state = eqx.tree_at(
-        lambda s: (s.params, s.states, s.multipliers, s.policy),
-        state,
-        (jax.device_put(state.params, replicated), per_sample(state.states), per_sample(state.multipliers), policy),
-    )
-    return x, y, state
+    per_sample_shape = state.states.shape  # (N, m, width): states, multipliers, per-constraint policy arrays
+
+    def place(a):
+        return _put(a, mesh, 1, axis_name) if np.shape(a) == per_sample_shape else jax.device_put(a, replicated)
+
+    return x, y, jax.tree_util.tree_map(place, state)
