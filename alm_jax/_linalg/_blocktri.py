@@ -153,7 +153,7 @@ def projector(lin: Linearisation, fac: BlockTriFactor) -> Projector:
     sample axis; only the selected inversion above is per-sample work.
     """
     sig = inverse_blocks(fac)  # (N_i, N_t, m, n, n)
-    omega, w_out = lin.omega, lin.c_mat_w
+    omega, w_out = lin.omega, lin.w_out
     N, m, n = omega.shape
     # T = Σ J_uᵀ: stage columns (N_i, N_t, m, n, n), output columns (N_i, m, n, ny)
     t_st = sig * omega[None, :, :, None, :]

@@ -34,7 +34,7 @@ class Linearisation(NamedTuple):
     s_hid: jnp.ndarray  # (N-1, m, n) ω_a φ'(s_a), a = 1..N-1: Ã_a = diag(s_hid) W_a
     w_hid: jnp.ndarray  # (N-1, n, n) W_a, a = 1..N-1 (shared by all samples)
     c_mat: jnp.ndarray  # (m, ny, n) C
-    c_mat_w: jnp.ndarray  # (ny, n) W_out, so that C = diag(c_o) W_out
+    w_out: jnp.ndarray  # (ny, n) W_out, so that C = diag(c_o) W_out
     zt_in: jnp.ndarray  # (m, kF) z̃_0
     zt_hid: jnp.ndarray  # (N-1, m, kH) z̃_1..z̃_{N-1}
     zt_out: jnp.ndarray  # (m, kO) z̃_N
@@ -82,7 +82,7 @@ def linearise(params: DenseParams, spec: ChainSpec, x, y, Z, Lam, sigma, beta=No
         s_hid=(omega * dphi)[1:],
         w_hid=params.w_hid,
         c_mat=c_mat,
-        c_mat_w=params.w_out,
+        w_out=params.w_out,
         zt_in=_augment(x, spec.use_bias),
         zt_hid=_augment(Z[:-1], spec.use_bias),
         zt_out=_augment(Z[-1], spec.use_final_bias),
