@@ -33,6 +33,11 @@ def _norm_inf(h):
     return jnp.max(jnp.abs(h))
 
 
+def _grown(grow, sigma, factor, cap):
+    """σ·factor (capped) where `grow`, σ elsewhere."""
+    return jnp.where(grow, jnp.minimum(factor * sigma, cap), sigma)
+
+
 def _scalar(v, like):
     return jnp.asarray(v, dtype=like.dtype)
 
@@ -70,7 +75,7 @@ def bertsekas(beta0=10.0, gamma=10.0, tau=0.25, eps0=1.0, eps_factor=0.1, eps_mi
     def update(s, f, h):
         hn = _norm2(h)
         grow = (hn > tau * s.h_prev) & (_norm_inf(h) > feasibility_tol)
-        sigma = jnp.where(grow, jnp.minimum(gamma * s.sigma, beta_max), s.sigma)
+        sigma = _grown(grow, s.sigma, gamma, beta_max)
         eps = jnp.maximum(eps_min, eps_factor * s.eps)
         return BertsekasState(sigma, eps, hn), jnp.asarray(True)
 
@@ -107,7 +112,7 @@ def lancelot(beta0=10.0, growth=100.0, eps_min=1e-8, eta_min=1e-8, beta_max=1e12
 
     def update(s, f, h):
         ok = _norm2(h) <= s.eta
-        sigma = jnp.where(ok, s.sigma, jnp.minimum(growth * s.sigma, beta_max))
+        sigma = _grown(~ok, s.sigma, growth, beta_max)
         eta = jnp.where(ok, s.eta / sigma**0.9, sigma**-0.1)
         eps = jnp.where(ok, s.eps / sigma, 1 / sigma)
         return LancelotState(sigma, jnp.maximum(eps, eps_min), jnp.maximum(eta, eta_min)), ok
@@ -144,7 +149,7 @@ def algencan(eps_opt=1e-8, gamma=10.0, tau=0.5, beta_max=1e20, feasibility_tol=1
     def update(s, f, h):
         hi = _norm_inf(h)
         grow = (hi > tau * s.h_prev) & (hi > feasibility_tol)
-        sigma = jnp.where(grow, jnp.minimum(gamma * s.sigma, beta_max), s.sigma)
+        sigma = _grown(grow, s.sigma, gamma, beta_max)
         return AlgencanState(sigma, jnp.maximum(eps_opt, 0.1 * s.eps), hi), jnp.asarray(True)
 
     return Policy("algencan", init, update, multiplier_bound)
@@ -183,7 +188,7 @@ def alpaqa(penalty_factor=20.0, delta=10.0, theta=0.1, eps0=1.0, rho=0.1, eps_to
         hi = _norm_inf(h)
         grow = (s.first | (jnp.abs(h) > theta * jnp.abs(s.h_prev))) & (hi > dual_tol)
         factor = jnp.maximum(1, delta * jnp.abs(h) / jnp.where(hi > 0, hi, 1))
-        sigma = jnp.where(grow, jnp.minimum(max_penalty, factor * s.sigma), s.sigma)
+        sigma = _grown(grow, s.sigma, factor, max_penalty)
         eps = jnp.maximum(rho * s.eps, eps_tol)
         return AlpaqaState(sigma, eps, h, jnp.asarray(False)), jnp.asarray(True)
 
