@@ -6,6 +6,7 @@ whose inner problems are solved by structure-exploiting Levenberg–Marquardt.
 """
 
 from . import datasets as datasets
+from . import inner as inner
 from . import policies as policies
 from ._alm import ALMInfo as ALMInfo, ALMSolver as ALMSolver, ALMState as ALMState, alm as alm
 from ._fit import FitResult as FitResult, History as History, fit as fit

@@ -13,6 +13,7 @@ import time
 
 def _parse(argv):
     from .datasets import UCI_DATASETS
+    from ._inner import INNER_SOLVERS
     from ._policies import POLICIES
 
     p = argparse.ArgumentParser(prog="python -m alm_jax", description=__doc__.splitlines()[0])
@@ -21,11 +22,11 @@ def _parse(argv):
     p.add_argument("--width", type=int, default=50)
     p.add_argument("--depth", type=int, default=1, help="number of hidden layers")
     p.add_argument("--activation", default="tanh", choices=["tanh", "relu", "softplus", "sigmoid", "gelu"])
-    p.add_argument("--policy", default="bertsekas", choices=sorted(POLICIES))
+    p.add_argument("--policy", default=None, choices=sorted(POLICIES), help="default: the library's")
+    p.add_argument("--inner", default="cg", choices=sorted(INNER_SOLVERS))
     p.add_argument("--time-budget", type=float, default=30.0, help="seconds per method, compilation included")
     p.add_argument("--max-steps", type=int, default=None, help="cap on ALM updates (LM iterations)")
-    p.add_argument("--max-inner-steps", type=int, default=10)
-    p.add_argument("--state-damping-ratio", type=float, default=1e-6)
+    p.add_argument("--max-inner-steps", type=int, default=None, help="default: the inner solver's")
     p.add_argument("--adam-lr", type=float, default=1e-2)
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument("--seed", type=int, default=0)
@@ -56,13 +57,12 @@ def main(argv=None) -> int:
     m, n_test = len(data.x_train), len(data.x_test)
     print(f"alm_jax: {args.dataset} split {args.split} (train {m}, test {n_test}), "
           f"MLP {data.x_train.shape[1]}-{'-'.join([str(args.width)] * args.depth)}-1 {args.activation}, "
-          f"{args.dtype}, policy {args.policy}, budget {args.time_budget:g} s per method, "
+          f"{args.dtype}, policy {args.policy or 'default'}, inner {args.inner}, budget {args.time_budget:g} s per method, "
           f"device {jax.devices()[0].platform}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
 
     t0 = time.perf_counter()
     result = fit(model, data.x_train, data.y_train, time_budget=args.time_budget, max_steps=args.max_steps,
-                 progress=not args.no_progress, policy=args.policy, max_inner_steps=args.max_inner_steps,
-                 state_damping_ratio=args.state_damping_ratio)
+                 progress=not args.no_progress, policy=args.policy, max_inner_steps=args.max_inner_steps, inner=args.inner)
     alm_seconds = time.perf_counter() - t0
     hist = result.history
     if len(hist.mse):
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         mse_units = float(np.mean((pred_tr - data.y_train) ** 2) * data.y_std[0] ** 2)
         return mse_units, data.rmse_in_units(pred_te, data.y_test)
 
-    rows = [("ALM + structured LM", len(hist.mse), alm_seconds, *report(result.model)),
+    rows = [(f"ALM + {args.inner}", len(hist.mse), alm_seconds, *report(result.model)),
             (f"Adam (lr {args.adam_lr:g})", adam.steps, adam.seconds, *report(adam.model))]
     print(f"\nresults on {args.dataset} (train MSE and test RMSE in the data's units)")
     print(f"  {'method':22s} {'steps':>7s} {'wall s':>8s} {'train MSE':>12s} {'test RMSE':>10s}")

@@ -84,7 +84,8 @@ BAD_SOLVER_OPTIONS = [
     ({"init_damping": 0.0}, ValueError, "init_damping"),
     ({"feasibility_tol": -1.0}, ValueError, "feasibility_tol"),
     ({"stationarity_tol": float("inf")}, ValueError, "stationarity_tol"),
-    ({"chunk_size": 0}, ValueError, "chunk_size"),
+    ({"inner": "lm", "chunk_size": 0}, ValueError, "chunk_size"),
+    ({"chunk_size": 64}, TypeError, "chunk_size"),  # the default inner solver "cg" has no chunks
 ]
 
 

@@ -26,7 +26,7 @@ def test_main_job_prints_results(capsys):
     assert main_job.main(["--time-budget", "6", "--width", "8", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "results on yacht" in out
-    assert "ALM + structured LM" in out and "Adam" in out
+    assert "ALM + cg" in out and "Adam" in out
 
 
 def test_main_job_rejects_unknown_dataset():

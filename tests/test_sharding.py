@@ -18,8 +18,12 @@ SCRIPT = textwrap.dedent(
     data = alm_jax.datasets.load_uci("yacht")
     x, y = jnp.asarray(data.x_train[:256]), jnp.asarray(data.y_train[:256])
     model = eqx.nn.MLP(6, 1, 8, 3, activation=jnp.tanh, key=jax.random.key(0))
-    for policy in ["bertsekas", "alpaqa"]:
-        solver = alm_jax.alm(policy=policy, max_inner_steps=2)
+    # Exact step: only the order of the sums over samples differs, so the
+    # iterates agree to 1e-12. CG (the default inner solver) may stop after a
+    # different number of iterations when round-off moves a residual across
+    # its tolerance; 1e-9 bounds that over 6 iterations.
+    for policy, inner, tol in [("bertsekas", "lm", 1e-12), ("alpaqa", "lm", 1e-12), ("bertsekas", "cg", 1e-9)]:
+        solver = alm_jax.alm(policy=policy, inner=inner, max_inner_steps=2)
         update = jax.jit(solver.update)
         one = solver.init(model, x, y)
         xs, ys, many = alm_jax.shard_samples(alm_jax.sample_mesh(), x, y, one)
@@ -29,10 +33,9 @@ SCRIPT = textwrap.dedent(
         assert len(many.states.sharding.device_set) == 4
         a, b = ravel_pytree(one.params)[0], ravel_pytree(many.params)[0]
         rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
-        # identical algorithm, only the order of the sums over samples differs
-        assert rel < 1e-12, rel
-        assert float(jnp.max(jnp.abs(one.states - many.states))) < 1e-12
-        assert abs(float(info1.mse) - float(info4.mse)) <= 1e-12 * float(info1.mse)
+        assert rel < tol, (inner, rel)
+        assert float(jnp.max(jnp.abs(one.states - many.states))) < tol
+        assert abs(float(info1.mse) - float(info4.mse)) <= tol * float(info1.mse)
     try:
         alm_jax.shard_samples(alm_jax.sample_mesh(), x[:255], y[:255])
     except ValueError as err:

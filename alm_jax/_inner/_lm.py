@@ -1,7 +1,7 @@
-"""Levenberg–Marquardt iteration on the ALM subproblem min ½‖F_σ(θ, Z)‖².
+"""Levenberg–Marquardt on the ALM subproblem min ½‖F_σ(θ, Z)‖² (`lm`, and `cg` matrix free).
 
-One iteration: the exact structured step with damping μ on the weights and
-ratio·μ on the states, the gain ratio
+One iteration: the structured step with damping μ on the weights and ratio·μ
+on the states, the gain ratio
 
     ρ = (f(x) − f(x + d)) / (f(x) − ½‖r + J d‖²)
 
@@ -9,10 +9,18 @@ and Nielsen's damping update: on success (ρ > η) μ ← μ·max(1/3, 1 − (2�
 ν ← 2; on failure μ ← νμ, ν ← 2ν. A trial point with a non-finite step or
 objective is rejected like any failed step.
 
+The step solves the damped linear least-squares problem either exactly
+(Cholesky of the reduced weight system, `_schur`) or inexactly by CG on it
+(`_matfree`, truncated Gauss–Newton) with the forcing term
+η = min(η_max, √‖∇f‖) of Dembo, Eisenstat & Steihaug; `auto` picks CG when
+the reduced system would not fit in memory.
+
 References:
     H. B. Nielsen, "Damping parameter in Marquardt's method", IMM-REP-1999-05;
     K. Madsen, H. B. Nielsen, O. Tingleff, *Methods for Non-Linear Least
-    Squares Problems*, 2004, §3.2.
+    Squares Problems*, 2004, §3.2;
+    R. S. Dembo, S. C. Eisenstat, T. Steihaug, "Inexact Newton methods",
+    SIAM J. Numer. Anal. 19 (1982); Nocedal & Wright, Algorithm 7.1.
 """
 
 from __future__ import annotations
@@ -22,9 +30,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .._checks import check_choice, check_int, check_positive
 from .._lifted import lifted_residual
-from .._linalg import structured_step
+from .._linalg import explicit_fits, matfree_step, structured_step
 from .._linalg._linearise import linearise
+from ._base import InnerResult, InnerSolver, Problem, all_finite, nielsen, tree_add, tree_where
+
+LINEAR_SOLVERS = ("auto", "cholesky", "cg")
 
 
 class LMOptions(NamedTuple):
@@ -33,6 +45,11 @@ class LMOptions(NamedTuple):
     damping_min: float = 1e-12
     damping_max: float = 1e12
     chunk_size: int | None = None
+    linear_solver: str = "cholesky"
+    cg_rtol: float | None = None  # None: the forcing term min(cg_forcing_max, √‖∇f‖)
+    cg_forcing_max: float = 0.5
+    cg_max_steps: int = 100
+    precondition: bool = True
 
 
 class LMResult(NamedTuple):
@@ -44,17 +61,10 @@ class LMResult(NamedTuple):
     objective: jnp.ndarray  # ½‖F_σ‖² at the returned point
 
 
-def _tree_add(a, b):
-    return jax.tree_util.tree_map(lambda u, v: u + v, a, b)
-
-
-def _tree_where(c, a, b):
-    return jax.tree_util.tree_map(lambda u, v: jnp.where(c, u, v), a, b)
-
-
-def _all_finite(tree):
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+class LMState(NamedTuple):
+    damping: jnp.ndarray
+    nu: jnp.ndarray
+    beta: jnp.ndarray  # the reference penalty the damping was adapted at
 
 
 def initial_damping(params, spec, x, y, Z, Lam, sigma, tau=1e-3):
@@ -69,27 +79,115 @@ def initial_damping(params, spec, x, y, Z, Lam, sigma, tau=1e-3):
     return tau * jnp.maximum(top, jnp.finfo(top.dtype).tiny)
 
 
+def resolve_linear_solver(name: str, spec) -> str:
+    if name == "auto":
+        return "cholesky" if explicit_fits(spec) else "cg"
+    return name
+
+
+def damped_step(params, Z, spec, x, y, Lam, sigma, mu_w, mu_z, opts: LMOptions, grad_norm):
+    """The structured step, exact or by CG, for damping (μ_w, μ_z)."""
+    if resolve_linear_solver(opts.linear_solver, spec) == "cholesky":
+        return structured_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, opts.chunk_size)
+    if opts.cg_rtol is None:
+        rtol = jnp.minimum(opts.cg_forcing_max, jnp.sqrt(grad_norm))
+    else:
+        rtol = jnp.asarray(opts.cg_rtol, grad_norm.dtype)
+    dp, dz, _ = matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol,
+                             max_steps=opts.cg_max_steps, precondition=opts.precondition)
+    return dp, dz
+
+
 def lm_iteration(params, Z, spec, x, y, Lam, sigma, damping, nu, opts: LMOptions) -> LMResult:
     def res(p, z):
         return lifted_residual(p, z, spec, x, y, Lam, sigma)
 
-    r0 = res(params, Z)
+    r0, vjp = jax.vjp(res, params, Z)
     f0 = 0.5 * jnp.sum(r0 * r0)
-    dp, dz = structured_step(
-        params, spec, x, y, Z, Lam, sigma, damping, opts.state_damping_ratio * damping, opts.chunk_size
-    )
+    grad_norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree_util.tree_leaves(vjp(r0))))
+    dp, dz = damped_step(params, Z, spec, x, y, Lam, sigma, damping, opts.state_damping_ratio * damping,
+                         opts, grad_norm)
     _, jd = jax.jvp(res, (params, Z), (dp, dz))
     pred = f0 - 0.5 * jnp.sum((r0 + jd) ** 2)
-    p1, z1 = _tree_add(params, dp), Z + dz
+    p1, z1 = tree_add(params, dp), Z + dz
     r1 = res(p1, z1)
     f1 = 0.5 * jnp.sum(r1 * r1)
     rho = (f0 - f1) / jnp.where(pred > 0, pred, 1)
-    ok = _all_finite((dp, dz)) & jnp.isfinite(f1) & (pred > 0) & (rho > opts.accept_ratio)
-
-    shrink = jnp.maximum(1 / 3, 1 - (2 * rho - 1) ** 3)
-    new_damping = jnp.where(ok, damping * shrink, damping * nu)
-    new_damping = jnp.clip(new_damping, opts.damping_min, opts.damping_max)
-    new_nu = jnp.where(ok, 2 * jnp.ones_like(nu), 2 * nu)
-    params = _tree_where(ok, p1, params)
+    ok = all_finite((dp, dz)) & jnp.isfinite(f1) & (pred > 0) & (rho > opts.accept_ratio)
+    new_damping, new_nu = nielsen(ok, rho, damping, nu, opts.damping_min, opts.damping_max)
+    params = tree_where(ok, p1, params)
     Z = jnp.where(ok, z1, Z)
     return LMResult(params, Z, new_damping, new_nu, ok, jnp.where(ok, f1, f0))
+
+
+def _lm_solver(name, opts: LMOptions, init_damping, max_steps, rescale_damping) -> InnerSolver:
+    def init(params, Z, pb: Problem):
+        if init_damping is None:
+            mu0 = initial_damping(params, pb.spec, pb.x, pb.y, Z, pb.multipliers, pb.sigma)
+        else:
+            mu0 = jnp.asarray(init_damping, pb.spec.dtype)
+        return LMState(mu0, jnp.asarray(2, pb.spec.dtype), jnp.max(pb.sigma).astype(pb.spec.dtype))
+
+    def restart(s: LMState, params, Z, pb: Problem):
+        # After condensing the states, the weights' system carries the loss
+        # rows at scale 1/β; keep μ_θ at the same scale relative to them.
+        beta = jnp.max(pb.sigma).astype(s.beta.dtype)
+        damping = s.damping * s.beta / beta if rescale_damping else s.damping
+        damping = jnp.clip(damping, opts.damping_min, opts.damping_max)
+        return LMState(damping, s.nu, beta)
+
+    def step(params, Z, s: LMState, pb: Problem):
+        r = lm_iteration(params, Z, pb.spec, pb.x, pb.y, pb.multipliers, pb.sigma, s.damping, s.nu, opts)
+        return InnerResult(r.params, r.states, LMState(r.damping, r.nu, s.beta), r.accepted, r.damping)
+
+    return InnerSolver(name, init, restart, step, max_steps)
+
+
+def _check_common(state_damping_ratio, init_damping, chunk_size, max_steps):
+    check_positive("state_damping_ratio", state_damping_ratio, allow_zero=True)
+    if init_damping is not None:
+        check_positive("init_damping", init_damping)
+    return check_int("chunk_size", chunk_size, allow_none=True), check_int("max_steps", max_steps)
+
+
+def lm(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, linear_solver: str = "auto",
+       chunk_size: int | None = None, max_steps: int = 3, rescale_damping: bool = False) -> InnerSolver:
+    """Levenberg–Marquardt with the exact structured step (the default inner solver).
+
+    d = argmin ‖J d + r‖² + μ‖dθ‖² + ratio·μ‖dZ‖², accepted by the gain ratio,
+    μ adapted by Nielsen's rule and carried over between subproblems.
+
+    Args:
+        state_damping_ratio: μ_z/μ_θ; 0 gives the lifted-Newton (condensing) step.
+        init_damping: μ_0; default 1e-3·max diag(J_θᵀJ_θ).
+        linear_solver: "cholesky" (explicit reduced system), "cg" (matrix
+            free) or "auto" (explicit when the P × P system fits in memory).
+        chunk_size: samples per chunk of the explicit assembly (memory bound).
+        max_steps: default iterations per subproblem.
+        rescale_damping: divide μ by the penalty's growth factor when a new
+            subproblem starts (μ kept in the loss's units); otherwise μ
+            carries over unchanged.
+    """
+    chunk_size, max_steps = _check_common(state_damping_ratio, init_damping, chunk_size, max_steps)
+    check_choice("linear_solver", linear_solver, LINEAR_SOLVERS)
+    opts = LMOptions(state_damping_ratio=state_damping_ratio, chunk_size=chunk_size, linear_solver=linear_solver)
+    return _lm_solver("lm", opts, init_damping, max_steps, bool(rescale_damping))
+
+
+def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, rtol: float | None = None,
+       max_cg_steps: int = 100, precondition: bool = False, max_steps: int = 3,
+       rescale_damping: bool = False) -> InnerSolver:
+    """Truncated Gauss–Newton: LM with CG on the reduced weight system, matrix free.
+
+    Memory O(#weights + m·depth·width²): S is never formed. CG is
+    preconditioned by per-layer Kronecker factors and stops at relative
+    residual `rtol`, by default the forcing term min(0.5, √‖∇f‖), or after
+    `max_cg_steps` products.
+    """
+    _, max_steps = _check_common(state_damping_ratio, init_damping, None, max_steps)
+    max_cg_steps = check_int("max_cg_steps", max_cg_steps)
+    if rtol is not None:
+        check_positive("rtol", rtol)
+    opts = LMOptions(state_damping_ratio=state_damping_ratio, linear_solver="cg", cg_rtol=rtol,
+                     cg_max_steps=max_cg_steps, precondition=bool(precondition))
+    return _lm_solver("cg", opts, init_damping, max_steps, bool(rescale_damping))

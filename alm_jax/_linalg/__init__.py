@@ -4,3 +4,4 @@ from ._schur import (
     num_weights as num_weights,
     structured_step as structured_step,
 )
+from ._matfree import explicit_fits as explicit_fits, matfree_step as matfree_step

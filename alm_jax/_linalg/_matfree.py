@@ -1,0 +1,151 @@
+"""Matrix-free structured step: conjugate gradients on the reduced weight system.
+
+The exact step (`_schur`) forms S = Σ_j J_θ,jᵀ P_j J_θ,j + μ_θ I, P² numbers.
+Here S is only applied (DESIGN.md §4.4):
+
+    S v = J_θᵀ P (J_θ v) + μ_θ v,     P e = e − J_u H⁻¹ J_uᵀ e
+
+where J_θ v and J_θᵀ w are the Kronecker forms of the dense layers (GEMMs over
+the sample axis) and H⁻¹ reuses the per-sample block factor. One product costs
+about two passes over the data; memory is O(P + m·N·n²), whatever P² is.
+The states then follow by the same back-substitution as in the exact step.
+
+CG (lineax) is preconditioned by per-layer Kronecker factors (K-FAC style,
+Martens & Grosse 2015): layer a's diagonal block Σ_j (z̃z̃ᵀ) ⊗ (c P_j[a,a] c) is
+approximated by m·(A_a ⊗ G_a), A_a the mean of z̃z̃ᵀ and G_a a few-probe
+estimate of the mean of c P[a,a] c, inverted exactly through the eigenvectors
+of A_a and G_a.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+
+from .._chain import ChainSpec
+from . import _blocktri, _onelayer
+from ._linearise import Linearisation, linearise
+from ._schur import layer_blocks, num_weights, unflatten_weights, weight_jvp, weight_vjp
+
+# Bytes the explicit reduced system may take before `auto` goes matrix-free.
+_EXPLICIT_BYTES_CPU = 2 << 30
+_EXPLICIT_FRACTION_ACCEL = 0.25
+_PROBES = 4
+
+
+def explicit_fits(spec: ChainSpec) -> bool:
+    """Whether the P × P reduced system (and its Cholesky factor) fits the budget.
+
+    On an accelerator the budget is a quarter of the device's memory; on CPU,
+    2 GiB (P ≈ 16 000 in float64).
+    """
+    p = num_weights(spec)
+    need = 2 * p * p * jnp.dtype(spec.dtype).itemsize
+    limit = _EXPLICIT_BYTES_CPU
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        stats = dev.memory_stats() or {}
+        if "bytes_limit" in stats:
+            limit = _EXPLICIT_FRACTION_ACCEL * stats["bytes_limit"]
+    return need <= limit
+
+
+def apply_ju(lin: Linearisation, u):
+    """J_u u for state directions u (N, m, n): stage rows (N, m, n), output rows (m, ny)."""
+    out_h = lin.omega * u
+    if u.shape[0] > 1:
+        out_h = out_h.at[1:].add(-lin.s_hid * jnp.einsum("amk,aok->amo", u[:-1], lin.w_hid))
+    return out_h, jnp.einsum("mok,mk->mo", lin.c_mat, u[-1])
+
+
+def _elimination(spec: ChainSpec):
+    return _onelayer if spec.depth == 1 else _blocktri
+
+
+def _project(lin, fac, elim, e_h, e_o):
+    """P e = e − J_u H⁻¹ J_uᵀ e per sample."""
+    t = elim.solve(fac, _blocktri.apply_jut(lin, e_h[..., None], e_o[..., None]))[..., 0]
+    jh, jo = apply_ju(lin, t)
+    return e_h - jh, e_o - jo
+
+
+def _layer_factors(spec, lin, fac, elim, key):
+    """Eigen-decompositions of the Kronecker factors (A_a, G_a) of every layer block."""
+    m = lin.r_o.shape[0]
+    e_h = jax.random.rademacher(key, (_PROBES,) + lin.r_h.shape, lin.r_h.dtype)
+    e_o = jax.random.rademacher(jax.random.fold_in(key, 1), (_PROBES,) + lin.r_o.shape, lin.r_o.dtype)
+    p_h, p_o = jax.vmap(lambda a, b: _project(lin, fac, elim, a, b))(e_h, e_o)
+    g_h = lin.c_h * p_h  # (q, N, m, n)
+    g_o = lin.c_o * p_o  # (q, m, ny)
+    scale = 1.0 / (_PROBES * m)
+    gs = [jnp.einsum("qma,qmb->ab", g_h[:, 0], g_h[:, 0]) * scale,
+          jnp.einsum("qgma,qgmb->gab", g_h[:, 1:], g_h[:, 1:]) * scale,
+          jnp.einsum("qma,qmb->ab", g_o, g_o) * scale]
+    As = [lin.zt_in.T @ lin.zt_in / m,
+          jnp.einsum("gmk,gml->gkl", lin.zt_hid, lin.zt_hid) / m,
+          lin.zt_out.T @ lin.zt_out / m]
+    return [(jnp.linalg.eigh(g), jnp.linalg.eigh(a)) for g, a in zip(gs, As)]
+
+
+def _kron_inverse(eig_g, eig_a, v, m, mu):
+    """(m·A ⊗ G + μ I)⁻¹ v for v shaped (..., out, in) (row-major layer blocks)."""
+    (lg, ug), (la, ua) = eig_g, eig_a
+    ugt = jnp.swapaxes(ug, -1, -2)
+    t = ugt @ v @ ua
+    t = t / (m * jnp.maximum(lg, 0)[..., :, None] * jnp.maximum(la, 0)[..., None, :] + mu)
+    return ug @ t @ jnp.swapaxes(ua, -1, -2)
+
+
+def _preconditioner(spec, factors, m, mu):
+    blocks = layer_blocks(unflatten_weights(jnp.zeros((num_weights(spec),), spec.dtype), spec))
+    bounds = np.cumsum([0] + [b.size for b in blocks])
+
+    def apply(v):
+        parts = []
+        for (eg, ea), blk, a, b in zip(factors, blocks, bounds[:-1], bounds[1:]):
+            if b > a:  # no hidden-to-hidden block with one hidden layer
+                parts.append(_kron_inverse(eg, ea, v[a:b].reshape(blk.shape), m, mu).reshape(-1))
+        return jnp.concatenate(parts)
+
+    return apply
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "max_steps", "precondition"))
+def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=100, precondition=True):
+    """Inexact minimiser of ‖J d + r‖² + μ_w‖dθ‖² + μ_z‖dZ‖² by CG on the reduced system.
+
+    CG stops when ‖S dθ + g‖∞ ≤ rtol·‖g‖∞ or after `max_steps` products.
+
+    Returns:
+        (dparams, dZ, cg_steps).
+    """
+    lin = linearise(params, spec, x, y, Z, Lam, sigma)
+    elim = _elimination(spec)
+    fac = elim.factor(lin, mu_z)
+    m = x.shape[0]
+
+    def s_apply(v):
+        e_h, e_o = weight_jvp(lin, unflatten_weights(v, spec), spec)
+        p_h, p_o = _project(lin, fac, elim, e_h, e_o)
+        return weight_vjp(lin, p_h, p_o) + mu_w * v
+
+    pr_h, pr_o = _project(lin, fac, elim, lin.r_h, lin.r_o)
+    g = weight_vjp(lin, pr_h, pr_o)
+    struct = jax.ShapeDtypeStruct(g.shape, g.dtype)
+    op = lx.FunctionLinearOperator(s_apply, struct, tags=lx.positive_semidefinite_tag)
+    options = {}
+    if precondition:
+        factors = _layer_factors(spec, lin, fac, elim, jax.random.key(0))
+        pre = _preconditioner(spec, factors, m, mu_w)
+        options["preconditioner"] = lx.FunctionLinearOperator(pre, struct, tags=lx.positive_semidefinite_tag)
+    solver = lx.CG(rtol=rtol, atol=0.0, max_steps=max_steps)
+    sol = lx.linear_solve(op, -g, solver, options=options, throw=False)
+    dparams = unflatten_weights(sol.value, spec)
+
+    jt_h, jt_o = weight_jvp(lin, dparams, spec)
+    dZ = -elim.solve(fac, _blocktri.apply_jut(lin, (lin.r_h + jt_h)[..., None], (lin.r_o + jt_o)[..., None]))[..., 0]
+    return dparams, dZ, sol.stats["num_steps"]
