@@ -3,7 +3,10 @@
 For m samples and MLPs of N hidden layers of width n it times, each jitted and
 warmed up (median of `--repeats`):
 
-* the exact structured LM step (`alm_jax` lifted step over weights and states);
+* the exact structured LM step (`alm_jax` lifted step over weights and states),
+  where its P × P reduced system fits in memory;
+* the matrix-free step (CG on the reduced system, relative tolerance 1e-2,
+  at most 50 products: the `cg` inner solver's linear algebra), for every size;
 * a single-shooting Gauss–Newton step (per-sample gradients by vmap(grad),
   JᵀJ + μI, Cholesky), where its m × P Jacobian fits in memory;
 * one full-batch Adam epoch (gradient + update).
@@ -37,7 +40,7 @@ import optax  # noqa: E402
 
 from alm_jax._chain import mlp_to_chain  # noqa: E402
 from alm_jax._lifted import forward_states_stacked  # noqa: E402
-from alm_jax._linalg import num_weights  # noqa: E402
+from alm_jax._linalg import matfree_step, num_weights  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from step_cost import lifted_step, median_time, single_shooting_step, write_results  # noqa: E402
@@ -75,6 +78,13 @@ def adam_epoch(model, x, y):
     return epoch, params, opt.init(params)
 
 
+def matfree(spec, dtype):
+    """The jitted matrix-free step with the same damping and penalty as `lifted_step`."""
+    mu = jnp.asarray(1e-3, dtype)
+    return jax.jit(lambda p, z, lam, x, y: matfree_step(p, spec, x, y, z, lam, jnp.asarray(10.0, dtype), mu,
+                                                        1e-6 * mu, jnp.asarray(1e-2, dtype), max_steps=50))
+
+
 def run_config(depth, width, m, n_in, dtype, repeats, limit):
     keys = jax.random.split(jax.random.key(m + depth * 7 + width), 3)
     model = eqx.nn.MLP(n_in, 1, width, depth, activation=jnp.tanh, dtype=dtype, key=keys[0])
@@ -84,12 +94,15 @@ def run_config(depth, width, m, n_in, dtype, repeats, limit):
     P = num_weights(spec)
     item = jnp.dtype(dtype).itemsize
     row = {"depth": depth, "width": width, "m": m, "P": P, "dtype": jnp.dtype(dtype).name}
-    if 3 * P * P * item > limit:
-        row["skipped"] = "reduced system does not fit"
-        return row
     Z = forward_states_stacked(params, spec, x)
     lam = jnp.zeros_like(Z)
     mu = jnp.asarray(1e-3, dtype)
+    mf = matfree(spec, dtype)
+    row["cg_step_s"] = median_time(mf, params, Z, lam, x, y, repeats=repeats)
+    row["cg_products"] = int(mf(params, Z, lam, x, y)[2])
+    if 3 * P * P * item > limit:
+        row["skipped"] = "reduced system does not fit"
+        return row
     t = median_time(lifted_step(spec, dtype), params, Z, lam, x, y, repeats=repeats)
     row.update(lifted_s=t, assembly_flops=2.0 * m * P * P, cholesky_flops=P**3 / 3,
                peak_bytes_after_lifted=peak_bytes())
@@ -132,7 +145,7 @@ def main(argv=None):
     print(f"# {meta['device_kind']} ({backend}), {dtype_name}, measured matmul rate {rate / 1e12:.3f} TFLOP/s, "
           f"XLA_FLAGS={meta['XLA_FLAGS']!r}")
     print(f"{'arch':>7} {'m':>8} {'P':>7} {'lifted s':>9} {'GFLOP':>8} {'asm rate':>8} {'GN s':>8} "
-          f"{'adam s':>8} {'peak GiB':>8}")
+          f"{'adam s':>8} {'peak GiB':>8} {'CG s':>8} {'#CG':>4}")
     rows = []
     for depth, width in archs:
         for m in ms:
@@ -141,15 +154,16 @@ def main(argv=None):
             except Exception as err:  # out of memory and the like: record, go on
                 r = {"depth": depth, "width": width, "m": m, "error": f"{type(err).__name__}: {err}"[:300]}
             rows.append(r)
+            cg = f"{r['cg_step_s']:8.3f} {r['cg_products']:4d}" if "cg_step_s" in r else ""
             if "lifted_s" not in r:
-                print(f"{depth}x{width:<5} {m:8d}  {r.get('skipped') or r.get('error')}", flush=True)
+                print(f"{depth}x{width:<5} {m:8d}  {r.get('skipped') or r.get('error')}  {cg}", flush=True)
                 continue
             frac = r["assembly_flops"] / r["lifted_s"] / rate
             gn = f"{r['single_shooting_s']:8.3f}" if r["single_shooting_s"] is not None else f"{'-':>8}"
             peak = f"{r['peak_bytes'] / 2**30:8.2f}" if r.get("peak_bytes") else f"{'n/a':>8}"
             print(f"{depth}x{width:<5} {m:8d} {r['P']:7d} {r['lifted_s']:9.3f} "
                   f"{(r['assembly_flops'] + r['cholesky_flops']) / 1e9:8.1f} {frac:8.1%} {gn} "
-                  f"{r['adam_epoch_s']:8.4f} {peak}", flush=True)
+                  f"{r['adam_epoch_s']:8.4f} {peak} {cg}", flush=True)
     write_results(args.out, meta, rows)
 
 

@@ -17,8 +17,9 @@ is one matrix product over the sample axis (the Kronecker trick):
     S_st = Σ_j (z̃_s z̃_tᵀ) ⊗ (diag(c_s) P_j[s,t] diag(c_t))
 
 costing ≈ 2·m·P² flops, with no per-sample weight Jacobian (m × P) ever formed.
-The sum is accumulated over chunks of samples so that peak memory is
-O(P² + chunk·(N·n)²); S is then solved by Cholesky.
+The sum is accumulated over chunks of samples and, with several chunks, the
+states' back-substitution refactors chunk by chunk, so that peak memory is
+O(P² + chunk·(N·n)²) beyond the states; S is then solved by Cholesky.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.linalg import cho_factor, cho_solve
+from jax.scipy.linalg import cho_solve
 
 from .._chain import ChainSpec, DenseParams
 from .._lifted import penalty_split
@@ -127,11 +128,7 @@ def _reduced_chunk(params, spec, x, y, Z, Lam, sigma, beta, mu_z, mask):
         blocks["H", "O"] = _pair(q_so[1:, None], lin.zt_hid, z_out)
     s_mat = jnp.block([[blocks[a, b] if (a, b) in blocks else blocks[b, a].T for b in names] for a in names])
 
-    cpr_h = c_h * pr_h
-    grads = [jnp.einsum("ma,mk->ak", cpr_h[0], lin.zt_in).reshape(-1),
-             jnp.einsum("gma,gmk->gak", cpr_h[1:], lin.zt_hid).reshape(-1),
-             jnp.einsum("ma,mk->ak", c_o * pr_o, lin.zt_out).reshape(-1)]
-    return s_mat, jnp.concatenate(grads), fac
+    return s_mat, weight_vjp(lin, pr_h * mask[None, :, None], pr_o * mask[:, None]), fac
 
 
 def _split_samples(arr, axis, n_chunks, chunk):
@@ -143,19 +140,12 @@ def _split_samples(arr, axis, n_chunks, chunk):
     return jnp.moveaxis(arr.reshape(shape), axis, 0)
 
 
-def reduced_system(params, spec, x, y, Z, Lam, sigma, mu_z, chunk=None):
-    """S = Σ_j J_θᵀ P J_θ and g = Σ_j J_θᵀ P r, accumulated over sample chunks.
-
-    Also returns the per-sample block factor of H (all samples), reused by the
-    state back-substitution.
-    """
+def _chunks(spec, x, y, Z, Lam, sigma, chunk):
+    """Per-sample arrays split into equal chunks (the last padded), with the chunk mask."""
     m = x.shape[0]
     chunk = default_chunk(spec, m) if chunk is None else int(min(chunk, m))
     n_chunks = -(-m // chunk)
     mask = jnp.ones((m,), x.dtype)
-    beta = penalty_split(sigma)[0]
-    if n_chunks == 1:
-        return _reduced_chunk(params, spec, x, y, Z, Lam, sigma, beta, mu_z, mask)
     sig_per_sample = jnp.ndim(sigma) > 0
     xs = (
         _split_samples(x, 0, n_chunks, chunk),
@@ -169,20 +159,42 @@ def reduced_system(params, spec, x, y, Z, Lam, sigma, mu_z, chunk=None):
         # Padded samples get σ = 1 so that λ/σ stays finite; they are masked out.
         pad_sigma = xs[4] + (1 - xs[5])[:, None, :, None]
         xs = xs[:4] + (pad_sigma,) + xs[5:]
+    return n_chunks, xs
+
+
+def reduced_system(params, spec, x, y, Z, Lam, sigma, mu_z, chunk=None):
+    """S = Σ_j J_θᵀ P J_θ and g = Σ_j J_θᵀ P r, accumulated over sample chunks.
+
+    Returns `(S, g, fac)`. With a single chunk `fac` is the per-sample block
+    factor of H, reused by the state back-substitution; with several it is
+    None and the back-substitution refactors chunk by chunk, so that peak
+    memory stays O(P² + chunk·N·n²) beyond the states, whatever m is.
+    """
+    beta = penalty_split(sigma)[0]
+    n_chunks, xs = _chunks(spec, x, y, Z, Lam, sigma, chunk)
+    if n_chunks == 1:
+        return _reduced_chunk(params, spec, x, y, Z, Lam, sigma, beta, mu_z, jnp.ones((x.shape[0],), x.dtype))
     p = num_weights(spec)
 
     def body(acc, blk):
         xc, yc, zc, lc, sc, mc = blk
-        s_c, g_c, fac = _reduced_chunk(params, spec, xc, yc, zc, lc, sigma if sc is None else sc, beta, mu_z, mc)
-        return (acc[0] + s_c, acc[1] + g_c), fac
+        s_c, g_c, _ = _reduced_chunk(params, spec, xc, yc, zc, lc, sigma if sc is None else sc, beta, mu_z, mc)
+        return (acc[0] + s_c, acc[1] + g_c), None
 
     init = (jnp.zeros((p, p), x.dtype), jnp.zeros((p,), x.dtype))
-    (s_mat, g), facs = jax.lax.scan(body, init, xs)
-    # (n_chunks, N, chunk, n, n) → (N, m, n, n)
-    facs = jax.tree_util.tree_map(
-        lambda a: jnp.moveaxis(a, 0, 1).reshape(a.shape[1], n_chunks * chunk, *a.shape[3:])[:, :m], facs
-    )
-    return s_mat, g, facs
+    (s_mat, g), _ = jax.lax.scan(body, init, xs)
+    return s_mat, g, None
+
+
+def _state_step(params, spec, x, y, Z, Lam, sigma, beta, mu_z, dparams, fac=None):
+    """dZ = −H⁻¹ J_uᵀ (r + J_θ dθ) for these samples (factoring H unless given)."""
+    lin = linearise(params, spec, x, y, Z, Lam, sigma, beta)
+    elim = _elimination(spec)
+    if fac is None:
+        fac = elim.factor(lin, mu_z)
+    jt_h, jt_o = weight_jvp(lin, dparams, spec)
+    rhs = _blocktri.apply_jut(lin, (lin.r_h + jt_h)[..., None], (lin.r_o + jt_o)[..., None])
+    return -elim.solve(fac, rhs)[..., 0]
 
 
 def unflatten_weights(vec, spec: ChainSpec) -> DenseParams:
@@ -203,19 +215,55 @@ def unflatten_weights(vec, spec: ChainSpec) -> DenseParams:
     )
 
 
-def _weight_jvp(lin: Linearisation, dtheta: DenseParams, spec: ChainSpec):
-    """J_θ dθ: stage rows (N, m, n), output rows (m, ny)."""
+def layer_blocks(p: DenseParams):
+    """The augmented blocks W̃ = [W b] of the first, hidden (stacked) and output layers."""
 
     def tilde(w, b):
         return w if b is None else jnp.concatenate([w, b[..., None]], axis=-1)
 
-    t_in = tilde(dtheta.w_in, dtheta.b_in)
-    t_hid = tilde(dtheta.w_hid, dtheta.b_hid)
-    t_out = tilde(dtheta.w_out, dtheta.b_out)
+    return tilde(p.w_in, p.b_in), tilde(p.w_hid, p.b_hid), tilde(p.w_out, p.b_out)
+
+
+def weight_vjp(lin: Linearisation, w_h, w_o):
+    """J_θᵀ w for stage rows w_h (N, m, n) and output rows w_o (m, ny), as a flat weight vector."""
+    cw = lin.c_h * w_h
+    return jnp.concatenate([
+        jnp.einsum("ma,mk->ak", cw[0], lin.zt_in).reshape(-1),
+        jnp.einsum("gma,gmk->gak", cw[1:], lin.zt_hid).reshape(-1),
+        jnp.einsum("ma,mk->ak", lin.c_o * w_o, lin.zt_out).reshape(-1),
+    ])
+
+
+def weight_jvp(lin: Linearisation, dtheta: DenseParams, spec: ChainSpec):
+    """J_θ dθ: stage rows (N, m, n), output rows (m, ny)."""
+
+    t_in, t_hid, t_out = layer_blocks(dtheta)
     s_first = lin.zt_in @ t_in.T
     s_hid = jnp.einsum("amk,aok->amo", lin.zt_hid, t_hid)
     s_h = jnp.concatenate([s_first[None], s_hid], axis=0)
     return lin.c_h * s_h, lin.c_o * (lin.zt_out @ t_out.T)
+
+
+def solve_spd(s_mat, g, mu):
+    """(S + μI)⁻¹ g for symmetric S ⪰ 0, robust in float32.
+
+    Three remedies (Higham, *Accuracy and Stability of Numerical Algorithms*,
+    §10.3 and §12.1): symmetric diagonal scaling to unit diagonal; when the
+    Cholesky factorisation breaks down (round-off makes a singular S look
+    indefinite), a retry with jitter √ε on the scaled diagonal; and one step
+    of iterative refinement.
+    """
+    diag = jnp.diagonal(s_mat) + mu
+    d = jnp.where(diag > 0, 1 / jnp.sqrt(jnp.where(diag > 0, diag, 1)), 1)
+    a = d[:, None] * s_mat * d[None, :] + jnp.diag(mu * d * d)
+    chol = jnp.linalg.cholesky(a)
+    eye = jnp.eye(a.shape[0], dtype=a.dtype)
+    jitter = jnp.sqrt(jnp.finfo(a.dtype).eps)
+    chol = jax.lax.cond(jnp.all(jnp.isfinite(chol)), lambda: chol, lambda: jnp.linalg.cholesky(a + jitter * eye))
+    b = d * g
+    xs = cho_solve((chol, True), b)
+    xs = xs + cho_solve((chol, True), b - a @ xs)
+    return d * xs
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "chunk"))
@@ -226,13 +274,17 @@ def structured_step(params: DenseParams, spec: ChainSpec, x, y, Z, Lam, sigma, m
         (dparams, dZ): weight step as `DenseParams`, state step shaped like Z.
     """
     s_mat, g, fac = reduced_system(params, spec, x, y, Z, Lam, sigma, mu_z, chunk)
-    s_mat = 0.5 * (s_mat + s_mat.T) + mu_w * jnp.eye(s_mat.shape[0], dtype=s_mat.dtype)
-    dvec = -cho_solve(cho_factor(s_mat, lower=True), g)
+    dvec = -solve_spd(0.5 * (s_mat + s_mat.T), g, mu_w)
     dparams = unflatten_weights(dvec, spec)
+    beta = penalty_split(sigma)[0]
+    if fac is not None:
+        return dparams, _state_step(params, spec, x, y, Z, Lam, sigma, beta, mu_z, dparams, fac)
 
-    lin = linearise(params, spec, x, y, Z, Lam, sigma)
-    jt_h, jt_o = _weight_jvp(lin, dparams, spec)
-    e_h = (lin.r_h + jt_h)[..., None]
-    e_o = (lin.r_o + jt_o)[..., None]
-    dZ = -_elimination(spec).solve(fac, _blocktri.apply_jut(lin, e_h, e_o))[..., 0]
-    return dparams, dZ
+    def body(_, blk):
+        xc, yc, zc, lc, sc, _mc = blk
+        return None, _state_step(params, spec, xc, yc, zc, lc, sigma if sc is None else sc, beta, mu_z, dparams)
+
+    n_chunks, xs = _chunks(spec, x, y, Z, Lam, sigma, chunk)
+    _, dz = jax.lax.scan(body, None, xs)  # (n_chunks, N, chunk, n)
+    dz = jnp.moveaxis(dz, 0, 1).reshape(dz.shape[1], -1, dz.shape[-1])[:, : x.shape[0]]
+    return dparams, dz
