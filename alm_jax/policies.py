@@ -10,6 +10,7 @@ from ._policies import (
     algencan as algencan,
     alpaqa as alpaqa,
     bertsekas as bertsekas,
+    default as default,
     get_policy as get_policy,
     lancelot as lancelot,
 )

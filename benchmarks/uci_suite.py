@@ -5,7 +5,7 @@ one hidden layer of 50 tanh units, the fixed splits (a few in quick mode, all
 20 with --full). Every method starts from the same initial weights and gets
 the same wall-clock budget, compilation included:
 
-* `alm`    — this library, `alm_jax.fit` (default options or --policy);
+* `alm`    — this library, `alm_jax.fit` (default options, or --policy);
 * `optx_lm` — optimistix Levenberg–Marquardt on the residual (single shooting);
 * `lbfgs`  — optax.lbfgs with its zoom line search;
 * `adam`   — full-batch Adam, best of a learning-rate grid (by train MSE).
@@ -40,8 +40,8 @@ from alm_jax._baselines import train_adam, train_lbfgs, train_optx_lm  # noqa: E
 ADAM_GRID = (1e-3, 3e-3, 1e-2)
 
 
-def run_alm(model, x, y, budget, policy):
-    res = alm_jax.fit(model, x, y, time_budget=budget, progress=False, policy=policy)
+def run_alm(model, x, y, budget, options):
+    res = alm_jax.fit(model, x, y, time_budget=budget, progress=False, **options)
     return res.model, list(res.history.time), list(res.history.mse)
 
 
@@ -58,21 +58,43 @@ def first_time_below(times, mses, target):
     return None
 
 
+TEACHER = "teacher-student"
+
+
+def teacher_student(split, depth, width, m=1000, n_in=8, noise=0.01):
+    """Synthetic regression: y = a random deep tanh teacher (same depth and width
+    as the student) of Gaussian inputs, plus noise; 80/20 split, standardised."""
+    from alm_jax.datasets import RegressionData
+
+    k = jax.random.split(jax.random.key(1000 + split), 3)
+    teacher = eqx.nn.MLP(n_in, 1, width, depth, activation=jnp.tanh, key=k[0])
+    x = np.asarray(jax.random.normal(k[1], (m, n_in)))
+    y = np.asarray(jax.vmap(teacher)(jnp.asarray(x)))
+    y = y + noise * y.std() * np.asarray(jax.random.normal(k[2], y.shape))
+    n_tr = int(0.8 * m)
+    mean, std = y[:n_tr].mean(0), y[:n_tr].std(0)
+    y = (y - mean) / std
+    return RegressionData(TEACHER, x[:n_tr], y[:n_tr], x[n_tr:], y[n_tr:], mean, std)
+
+
 def evaluate(model, data):
     pred_tr = np.asarray(jax.vmap(model)(jnp.asarray(data.x_train)))
     pred_te = np.asarray(jax.vmap(model)(jnp.asarray(data.x_test)))
     return float(np.mean((pred_tr - data.y_train) ** 2)), data.rmse_in_units(pred_te, data.y_test)
 
 
-def main(argv=None):
+def main(argv=None, alm_variants=None):
+    """Run the suite. `alm_variants` maps extra method names to `alm_jax.fit` options."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true")
-    ap.add_argument("--datasets", nargs="*", default=list(alm_jax.datasets.UCI_DATASETS))
+    ap.add_argument("--datasets", nargs="*", default=list(alm_jax.datasets.UCI_DATASETS),
+                    help=f"UCI names, or {TEACHER!r} (synthetic, teacher as deep as the student)")
     ap.add_argument("--splits", type=int, default=None)
     ap.add_argument("--budget", type=float, default=None, help="seconds per method and split")
     ap.add_argument("--methods", nargs="*", default=["alm", "optx_lm", "lbfgs", "adam"])
-    ap.add_argument("--policy", default="bertsekas")
+    ap.add_argument("--policy", default=None, help="ALM policy (default: the library's)")
     ap.add_argument("--width", type=int, default=50)
+    ap.add_argument("--depth", type=int, default=1)
     ap.add_argument("--target", type=float, default=0.05, help="train MSE (standardised) for time-to-target")
     ap.add_argument("--out", default="benchmarks/out/uci")
     args = ap.parse_args(argv)
@@ -83,21 +105,27 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     meta = {"command": " ".join(["python"] + sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "device": str(jax.devices()[0]), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "float": "float64",
-            "budget_s": budget, "splits": n_splits, "width": args.width, "policy": args.policy}
-    print(f"# UCI suite: {n_splits} splits, {budget:g} s per method, 1x{args.width} tanh, float64, "
+            "budget_s": budget, "splits": n_splits, "width": args.width, "depth": args.depth, "policy": args.policy,
+            "alm_variants": {k: repr(v) for k, v in (alm_variants or {}).items()}}
+    print(f"# UCI suite: {n_splits} splits, {budget:g} s per method, {args.depth}x{args.width} tanh, float64, "
           f"XLA_FLAGS={meta['XLA_FLAGS']!r}")
     results = {}
     for name in args.datasets:
         per_method = {m: {"train_mse": [], "test_rmse": [], "t_target": [], "curves": []} for m in args.methods}
         for split in range(n_splits):
-            data = alm_jax.datasets.load_uci(name, split)
-            model = eqx.nn.MLP(data.x_train.shape[1], 1, args.width, 1, activation=jnp.tanh,
+            if name == TEACHER:
+                data = teacher_student(split, args.depth, args.width)
+            else:
+                data = alm_jax.datasets.load_uci(name, split)
+            model = eqx.nn.MLP(data.x_train.shape[1], 1, args.width, args.depth, activation=jnp.tanh,
                                key=jax.random.key(split))
             x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
             for method in args.methods:
                 extra = None
                 if method == "alm":
-                    trained, times, mses = run_alm(model, x, y, budget, args.policy)
+                    trained, times, mses = run_alm(model, x, y, budget, {} if args.policy is None else {"policy": args.policy})
+                elif alm_variants and method in alm_variants:
+                    trained, times, mses = run_alm(model, x, y, budget, alm_variants[method])
                 elif method == "adam":
                     trained, times, mses, extra = run_adam(model, x, y, budget)
                 elif method == "lbfgs":
@@ -122,7 +150,7 @@ def main(argv=None):
             se = lambda a: a.std(ddof=1) / np.sqrt(len(a)) if len(a) > 1 else 0.0
             hits = [t for t in rec["t_target"] if t is not None]
             tt = f"{np.median(hits):6.2f}" if len(hits) == len(rec["t_target"]) else f"{len(hits)}/{len(rec['t_target'])} reached"
-            print(f"  {method:8s} {tr.mean():.3e} ± {se(tr):.1e} | {te.mean():.4g} ± {se(te):.2g} | {tt}")
+            print(f"  {method:14s} {tr.mean():.3e} ± {se(tr):.1e} | {te.mean():.4g} ± {se(te):.2g} | {tt}")
         _plot(name, per_method, out / f"{name}.png")
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(f"\n# wrote {out}/results.json and one PNG per data set")
