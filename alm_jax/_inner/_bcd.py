@@ -56,8 +56,8 @@ def _weight_step(lin, spec, mu):
     return unflatten_weights(jnp.concatenate([d_in.reshape(-1), d_hid.reshape(-1), d_out.reshape(-1)]), spec)
 
 
-def _accept(f, f0, pred, trial_ok, damping, nu):
-    f1 = f
+def _accept(f1, f0, pred, trial_ok, damping, nu):
+    """Gain-ratio test of one block's trial and Nielsen's update of its damping."""
     rho = (f0 - f1) / jnp.where(pred > 0, pred, 1)
     ok = trial_ok & jnp.isfinite(f1) & (pred > 0) & (rho > 1e-4)
     return ok, nielsen(ok, rho, damping, nu, 1e-12, 1e12)
