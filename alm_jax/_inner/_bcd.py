@@ -25,10 +25,10 @@ from jax.scipy.linalg import cho_factor, cho_solve
 
 from .._checks import check_int
 from .._lifted import lifted_residual
-from .._linalg import _blocktri, _onelayer
+from .._linalg import _blocktri
 from .._linalg._linearise import linearise
 from .._linalg._matfree import apply_ju
-from .._linalg._schur import layer_blocks, unflatten_weights, weight_jvp, weight_vjp
+from .._linalg._schur import elimination, layer_blocks, unflatten_weights, weight_jvp, weight_vjp
 from ._base import InnerResult, InnerSolver, Problem, all_finite, keep, nielsen, tree_add, tree_where
 from ._lm import initial_damping
 
@@ -103,7 +103,7 @@ def bcd(*, init_damping: float | None = None, max_steps: int = 5) -> InnerSolver
         # States, weights fixed.
         lin = linearise(params, spec, pb.x, pb.y, Z, pb.multipliers, pb.sigma)
         f0 = 0.5 * (jnp.sum(lin.r_h ** 2) + jnp.sum(lin.r_o ** 2))
-        elim = _onelayer if spec.depth == 1 else _blocktri
+        elim = elimination(spec)
         fac = elim.factor(lin, s.damping_z)
         rhs = _blocktri.apply_jut(lin, lin.r_h[..., None], lin.r_o[..., None])
         dz = -elim.solve(fac, rhs)[..., 0]

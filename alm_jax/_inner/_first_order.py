@@ -44,9 +44,8 @@ def _optax_solver(name, opt: optax.GradientTransformationExtraArgs, max_steps, s
     def init(params, Z, pb: Problem):
         return opt.init((params, Z))
 
-    @_standard_promotion
     def restart(s, params, Z, pb: Problem):
-        return opt.init((params, Z))
+        return init(params, Z, pb)
 
     @_standard_promotion
     def step(params, Z, s, pb: Problem):

@@ -27,9 +27,9 @@ import lineax as lx
 import numpy as np
 
 from .._chain import ChainSpec
-from . import _blocktri, _onelayer
+from . import _blocktri
 from ._linearise import Linearisation, linearise
-from ._schur import layer_blocks, num_weights, unflatten_weights, weight_jvp, weight_vjp
+from ._schur import back_substitute, elimination, layer_blocks, num_weights, unflatten_weights, weight_jvp, weight_vjp
 
 # Bytes the explicit reduced system may take before `auto` goes matrix-free.
 _EXPLICIT_BYTES_CPU = 2 << 30
@@ -60,10 +60,6 @@ def apply_ju(lin: Linearisation, u):
     if u.shape[0] > 1:
         out_h = out_h.at[1:].add(-lin.s_hid * jnp.einsum("amk,aok->amo", u[:-1], lin.w_hid))
     return out_h, jnp.einsum("mok,mk->mo", lin.c_mat, u[-1])
-
-
-def _elimination(spec: ChainSpec):
-    return _onelayer if spec.depth == 1 else _blocktri
 
 
 def _project(lin, fac, elim, e_h, e_o):
@@ -124,7 +120,7 @@ def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol,
         (dparams, dZ, cg_steps).
     """
     lin = linearise(params, spec, x, y, Z, Lam, sigma)
-    elim = _elimination(spec)
+    elim = elimination(spec)
     fac = elim.factor(lin, mu_z)
     m = x.shape[0]
 
@@ -146,6 +142,4 @@ def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol,
     sol = lx.linear_solve(op, -g, solver, options=options, throw=False)
     dparams = unflatten_weights(sol.value, spec)
 
-    jt_h, jt_o = weight_jvp(lin, dparams, spec)
-    dZ = -elim.solve(fac, _blocktri.apply_jut(lin, (lin.r_h + jt_h)[..., None], (lin.r_o + jt_o)[..., None]))[..., 0]
-    return dparams, dZ, sol.stats["num_steps"]
+    return dparams, back_substitute(lin, elim, fac, dparams, spec), sol.stats["num_steps"]

@@ -70,7 +70,7 @@ def default_chunk(spec: ChainSpec, m: int) -> int:
     return -(-m // n_chunks)  # equal chunks: least padding
 
 
-def _elimination(spec: ChainSpec):
+def elimination(spec: ChainSpec):
     """The per-sample state elimination: closed form for one hidden layer, sweeps otherwise."""
     return _onelayer if spec.depth == 1 else _blocktri
 
@@ -104,7 +104,7 @@ def _pair_symmetric(q, z):
 def _reduced_chunk(params, spec, x, y, Z, Lam, sigma, beta, mu_z, mask):
     """This chunk's contribution to S (without μ_θ I) and to the gradient, and its factor."""
     lin = linearise(params, spec, x, y, Z, Lam, sigma, beta)
-    elim = _elimination(spec)
+    elim = elimination(spec)
     fac = elim.factor(lin, mu_z)
     proj = elim.projector(lin, fac)
     N = lin.omega.shape[0]
@@ -170,8 +170,13 @@ def reduced_system(params, spec, x, y, Z, Lam, sigma, mu_z, chunk=None):
     None and the back-substitution refactors chunk by chunk, so that peak
     memory stays O(P² + chunk·N·n²) beyond the states, whatever m is.
     """
-    beta = penalty_split(sigma)[0]
     n_chunks, xs = _chunks(spec, x, y, Z, Lam, sigma, chunk)
+    return _reduce(params, spec, (x, y, Z, Lam, sigma), penalty_split(sigma)[0], mu_z, n_chunks, xs)
+
+
+def _reduce(params, spec, data, beta, mu_z, n_chunks, xs):
+    """`reduced_system` on data already split by `_chunks`."""
+    x, y, Z, Lam, sigma = data
     if n_chunks == 1:
         return _reduced_chunk(params, spec, x, y, Z, Lam, sigma, beta, mu_z, jnp.ones((x.shape[0],), x.dtype))
     p = num_weights(spec)
@@ -186,15 +191,20 @@ def reduced_system(params, spec, x, y, Z, Lam, sigma, mu_z, chunk=None):
     return s_mat, g, None
 
 
-def _state_step(params, spec, x, y, Z, Lam, sigma, beta, mu_z, dparams, fac=None):
-    """dZ = −H⁻¹ J_uᵀ (r + J_θ dθ) for these samples (factoring H unless given)."""
-    lin = linearise(params, spec, x, y, Z, Lam, sigma, beta)
-    elim = _elimination(spec)
-    if fac is None:
-        fac = elim.factor(lin, mu_z)
+def back_substitute(lin: Linearisation, elim, fac, dparams: DenseParams, spec: ChainSpec):
+    """dZ = −H⁻¹ J_uᵀ (r + J_θ dθ) for the samples of `lin`, given the factor of H."""
     jt_h, jt_o = weight_jvp(lin, dparams, spec)
     rhs = _blocktri.apply_jut(lin, (lin.r_h + jt_h)[..., None], (lin.r_o + jt_o)[..., None])
     return -elim.solve(fac, rhs)[..., 0]
+
+
+def _state_step(params, spec, x, y, Z, Lam, sigma, beta, mu_z, dparams, fac=None):
+    """`back_substitute` for these samples, factoring H unless `fac` is given."""
+    lin = linearise(params, spec, x, y, Z, Lam, sigma, beta)
+    elim = elimination(spec)
+    if fac is None:
+        fac = elim.factor(lin, mu_z)
+    return back_substitute(lin, elim, fac, dparams, spec)
 
 
 def unflatten_weights(vec, spec: ChainSpec) -> DenseParams:
@@ -273,10 +283,11 @@ def structured_step(params: DenseParams, spec: ChainSpec, x, y, Z, Lam, sigma, m
     Returns:
         (dparams, dZ): weight step as `DenseParams`, state step shaped like Z.
     """
-    s_mat, g, fac = reduced_system(params, spec, x, y, Z, Lam, sigma, mu_z, chunk)
+    beta = penalty_split(sigma)[0]
+    n_chunks, xs = _chunks(spec, x, y, Z, Lam, sigma, chunk)
+    s_mat, g, fac = _reduce(params, spec, (x, y, Z, Lam, sigma), beta, mu_z, n_chunks, xs)
     dvec = -solve_spd(0.5 * (s_mat + s_mat.T), g, mu_w)
     dparams = unflatten_weights(dvec, spec)
-    beta = penalty_split(sigma)[0]
     if fac is not None:
         return dparams, _state_step(params, spec, x, y, Z, Lam, sigma, beta, mu_z, dparams, fac)
 
@@ -284,7 +295,6 @@ def structured_step(params: DenseParams, spec: ChainSpec, x, y, Z, Lam, sigma, m
         xc, yc, zc, lc, sc, _mc = blk
         return None, _state_step(params, spec, xc, yc, zc, lc, sigma if sc is None else sc, beta, mu_z, dparams)
 
-    n_chunks, xs = _chunks(spec, x, y, Z, Lam, sigma, chunk)
     _, dz = jax.lax.scan(body, None, xs)  # (n_chunks, N, chunk, n)
     dz = jnp.moveaxis(dz, 0, 1).reshape(dz.shape[1], -1, dz.shape[-1])[:, : x.shape[0]]
     return dparams, dz
