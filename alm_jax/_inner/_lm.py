@@ -49,7 +49,7 @@ class LMOptions(NamedTuple):
     cg_rtol: float | None = None  # None: the forcing term min(cg_forcing_max, √‖∇f‖)
     cg_forcing_max: float = 0.5
     cg_max_steps: int = 100
-    precondition: bool = True
+    precondition: bool = False
 
 
 class LMResult(NamedTuple):
@@ -179,10 +179,11 @@ def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
        rescale_damping: bool = False) -> InnerSolver:
     """Truncated Gauss–Newton: LM with CG on the reduced weight system, matrix free.
 
-    Memory O(#weights + m·depth·width²): S is never formed. CG is
-    preconditioned by per-layer Kronecker factors and stops at relative
-    residual `rtol`, by default the forcing term min(0.5, √‖∇f‖), or after
-    `max_cg_steps` products.
+    Memory O(#weights + m·depth·width²): S is never formed. CG stops at
+    relative residual `rtol`, by default the forcing term min(0.5, √‖∇f‖),
+    or after `max_cg_steps` products. `precondition=True` adds per-layer
+    Kronecker factors; off by default, since it raised the CG iterations
+    2–6× on the UCI energy set (benchmarks/RESULTS.md).
     """
     _, max_steps = _check_common(state_damping_ratio, init_damping, None, max_steps)
     max_cg_steps = check_int("max_cg_steps", max_cg_steps)
