@@ -7,9 +7,11 @@ whose inner problems are solved by structure-exploiting Levenberg–Marquardt.
 
 from . import datasets as datasets
 from . import inner as inner
+from . import losses as losses
 from . import policies as policies
 from ._alm import ALMInfo as ALMInfo, ALMSolver as ALMSolver, ALMState as ALMState, alm as alm
 from ._fit import FitResult as FitResult, History as History, fit as fit
+from ._layers import Layer as Layer
 from ._sharding import sample_mesh as sample_mesh, shard_samples as shard_samples
 from ._functional import (
     apply_updates as apply_updates,

@@ -18,6 +18,7 @@ state, so `jax.jit(solver.update)` compiles the whole iteration.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, NamedTuple
@@ -27,30 +28,32 @@ import jax
 import jax.numpy as jnp
 
 from . import _lifted
-from ._chain import ChainSpec, DenseParams, chain_to_model, mlp_to_chain
+from ._chain import ChainSpec, DenseParams
+from ._models import to_chain, to_model
 from ._checks import check_int, check_positive, check_xy
 from ._inner import InnerSolver, Problem, get_inner
+from ._losses import get_loss
 from ._policies import Policy, get_policy
 
 
 class ALMState(eqx.Module):
     """Solver state: a pytree of arrays plus the static model description."""
 
-    params: DenseParams
-    states: jax.Array  # (N, m, width) lifted hidden states
-    multipliers: jax.Array  # (N, m, width)
+    params: Any  # DenseParams for an eqx.nn.MLP, per-layer weights for a layer chain
+    states: jax.Array  # (N, m, width) lifted hidden states ((1, m, D) for a layer chain)
+    multipliers: jax.Array  # same shape as states
     policy: Any  # the policy's own state; has .sigma and .eps
     inner: Any  # the inner solver's state (e.g. LM damping)
     inner_step: jax.Array  # iterations in the current subproblem
     outer_step: jax.Array  # completed outer iterations
     step: jax.Array  # total update calls
     converged: jax.Array
-    spec: ChainSpec = eqx.field(static=True)
+    spec: Any = eqx.field(static=True)  # ChainSpec or LayerSpec
 
     @property
     def model(self):
-        """The current weights as the user's `eqx.nn.MLP`."""
-        return chain_to_model(self.params, self.spec)
+        """The current weights as the user's model (`eqx.nn.MLP`, or `eqx.nn.Sequential` for a layer chain)."""
+        return to_model(self.params, self.spec)
 
     @property
     def beta(self):
@@ -66,7 +69,8 @@ class ALMInfo(NamedTuple):
     """Diagnostics of one `update` call (all scalars)."""
 
     objective: jax.Array  # L_σ at the new point
-    mse: jax.Array  # training MSE of the true forward pass
+    loss: jax.Array  # mean training loss ℓ of the true forward pass (½·mean‖ŷ − y‖² if squared)
+    mse: jax.Array  # training MSE of the true forward pass's predictions (softmax for cross-entropy)
     h_norm: jax.Array  # ‖h‖₂ of the lifted states
     beta: jax.Array
     damping: jax.Array  # the inner solver's damping or step size (NaN if none)
@@ -86,6 +90,7 @@ class ALMSolver(NamedTuple):
 def alm(
     policy=None,
     *,
+    loss="squared",
     inner="cg",
     max_inner_steps: int | None = None,
     feasibility_tol: float = 1e-6,
@@ -94,17 +99,23 @@ def alm(
 ) -> ALMSolver:
     """Augmented Lagrangian training of a lifted MLP.
 
-    The lifted problem min ½‖F‖² s.t. h = 0 (DESIGN.md §1) is solved by the
+    The lifted problem min Σℓ(ŷ, y) s.t. h = 0 (ℓ = ½‖ŷ − y‖² by default) (DESIGN.md §1) is solved by the
     method of multipliers: each outer step minimises
     L_σ = ½‖F‖² + ⟨λ, h⟩ + ½Σσ_i h_i² with the inner solver to
     ‖∇L_σ‖ ≤ ε (or `max_inner_steps`), then updates λ ← λ + σh and (σ, ε)
-    by `policy`.
+    by `policy`. A loss other than least squares enters the inner
+    Gauss–Newton/LM steps through its Hessian factor (generalised
+    Gauss–Newton, `alm_jax.losses`).
 
     Args:
         policy: None for the library's default (`alm_jax.policies.default()`,
             Bertsekas' rule with β capped at 1e3), "bertsekas", "lancelot",
             "algencan", "alpaqa" (published defaults), or a `Policy` from
             `alm_jax.policies`.
+        loss: the training loss: "squared" (½‖ŷ − y‖², the default) or
+            "softmax_cross_entropy" (one-hot y, the model's outputs are
+            logits; treated by generalised Gauss–Newton), or a `Loss` from
+            `alm_jax.losses`.
         inner: the subproblem solver: "cg" (the default: Levenberg–Marquardt
             with CG on the reduced weight system, matrix free), "lm" (the
             same with the exact structured step), "gn", "lbfgs", "adam",
@@ -128,6 +139,7 @@ def alm(
         application in optimization", SIAM J. Optim. 20 (2010).
     """
     pol: Policy = get_policy(policy)
+    loss_fn = get_loss(loss)
     solver: InnerSolver = get_inner(inner, **inner_options)
     if max_inner_steps is None:
         max_inner_steps = solver.default_max_steps
@@ -141,14 +153,14 @@ def alm(
         # Jitted: run eagerly, these few ops cost seconds of dispatch.
         Z = _lifted.forward_states_stacked(params, spec, x)
         Lam = jnp.zeros_like(Z)
-        F = _lifted.output_stacked(params, spec, Z) - y
-        f0 = 0.5 * jnp.sum(F * F)
+        f0 = _lifted.total_loss(params, spec, Z, y)
         pstate = pol.init(f0, jnp.zeros_like(Z))
         istate = solver.init(params, Z, Problem(spec, x, y, Lam, pstate.sigma))
         return Z, Lam, pstate, istate
 
     def init(model, x, y) -> ALMState:
-        params, spec = mlp_to_chain(model)
+        params, spec = to_chain(model, x)
+        spec = dataclasses.replace(spec, loss=loss_fn)
         x, y = check_xy(spec, x, y)
         Z, Lam, pstate, istate = _start(params, x, y, spec)
         zero = jnp.asarray(0, jnp.int32)
@@ -171,8 +183,7 @@ def alm(
         inner_done = (gnorm <= state.policy.eps) | (inner_step >= max_inner_steps)
 
         h = _lifted.constraints_stacked(params, spec, x, Z)
-        F = _lifted.output_stacked(params, spec, Z) - y
-        f = 0.5 * jnp.sum(F * F)
+        f = _lifted.total_loss(params, spec, Z, y)
         new_pol, upd = pol.update(state.policy, f, h)
         lam_new = Lam + sigma * h
         if math.isfinite(bound):
@@ -193,10 +204,11 @@ def alm(
             outer_step=state.outer_step + inner_done.astype(jnp.int32),
             step=state.step + 1, converged=state.converged | converged, spec=spec,
         )
-        pred = _lifted.predict(params, spec, x)
+        out = _lifted.predict(params, spec, x)
         info = ALMInfo(
             objective=f + jnp.sum(Lam * h) + 0.5 * jnp.sum(sigma * h * h),
-            mse=jnp.mean((pred - y) ** 2),
+            loss=jnp.mean(spec.loss.value(out, y)),
+            mse=jnp.mean((spec.loss.predict(out) - y) ** 2),
             h_norm=jnp.sqrt(jnp.sum(h * h)),
             beta=jnp.max(new_state.policy.sigma),
             damping=res.damping,

@@ -1,8 +1,9 @@
 """Single-shooting baselines on the plain training loss, each under a wall-clock budget.
 
 Each trainer returns a `BaselineRun` whose history samples the training MSE
-over time (compilation included), so methods can be compared at equal
-wall-clock as in `python -m alm_jax` and `benchmarks/uci_suite.py`.
+(and the training loss) over time, compilation included, so methods can be
+compared at equal wall-clock as in `python -m alm_jax` and `benchmarks/`.
+`train_adam` and `train_lbfgs` take the same `loss` as `alm_jax.alm`.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ._losses import get_loss
+
 
 class BaselineRun(NamedTuple):
     model: Any
     steps: int
     seconds: float
     times: list  # seconds since start at each record
-    mses: list  # training MSE at each record
+    mses: list  # training MSE of the predictions at each record
+    losses: list | tuple = ()  # mean training loss at each record
 
 
 def _predict(static, x, y):
@@ -31,13 +35,18 @@ def _predict(static, x, y):
     return predict
 
 
-def _run_budgeted(start, time_budget, run, carry, static, x, y, steps_per_call) -> BaselineRun:
+def _run_budgeted(start, time_budget, run, carry, static, x, y, steps_per_call, loss) -> BaselineRun:
     """Compile `run` (carry → carry, weights first), then call it until the next
-    call would overrun the budget, recording the training MSE after each call."""
+    call would overrun the budget, recording the training MSE and loss after each call."""
     predict = _predict(static, x, y)
-    mse = jax.jit(lambda p: jnp.mean((predict(p) - y) ** 2))
+
+    @jax.jit
+    def metrics(p):
+        out = predict(p)
+        return jnp.mean((loss.predict(out) - y) ** 2), jnp.mean(loss.value(out, y))
+
     run = jax.jit(run).lower(*carry).compile()
-    times, mses, steps, per_call = [], [], 0, 0.0
+    times, mses, losses, steps, per_call = [], [], [], 0, 0.0
     while True:
         now = time.perf_counter()
         if now - start + 1.25 * per_call > time_budget:
@@ -46,49 +55,52 @@ def _run_budgeted(start, time_budget, run, carry, static, x, y, steps_per_call) 
         per_call = time.perf_counter() - now
         steps += steps_per_call
         times.append(time.perf_counter() - start)
-        mses.append(float(mse(carry[0])))
-    return BaselineRun(eqx.combine(carry[0], static), steps, time.perf_counter() - start, times, mses)
+        mse, value = metrics(carry[0])
+        mses.append(float(mse))
+        losses.append(float(value))
+    return BaselineRun(eqx.combine(carry[0], static), steps, time.perf_counter() - start, times, mses, losses)
 
 
-def _optax_budgeted(opt, update, model, x, y, time_budget, steps_per_call) -> BaselineRun:
-    """Full-batch optax loop: `update(p, s, loss) -> (updates, s)`, `steps_per_call` per compiled call."""
+def _optax_budgeted(opt, update, model, x, y, time_budget, steps_per_call, loss) -> BaselineRun:
+    """Full-batch optax loop: `update(p, s, objective) -> (updates, s)`, `steps_per_call` per compiled call."""
     start = time.perf_counter()
+    loss = get_loss(loss)
     params, static = eqx.partition(model, eqx.is_inexact_array)
     predict = _predict(static, x, y)
 
-    def loss(p):
-        return 0.5 * jnp.mean((predict(p) - y) ** 2)
+    def objective(p):
+        return jnp.mean(loss.value(predict(p), y))
 
     def run(p, s):
         def body(_, c):
-            u, s = update(c[0], c[1], loss)
+            u, s = update(c[0], c[1], objective)
             return optax.apply_updates(c[0], u), s
 
         return jax.lax.fori_loop(0, steps_per_call, body, (p, s))
 
-    return _run_budgeted(start, time_budget, run, (params, opt.init(params)), static, x, y, steps_per_call)
+    return _run_budgeted(start, time_budget, run, (params, opt.init(params)), static, x, y, steps_per_call, loss)
 
 
 def train_adam(model, x, y, *, time_budget: float, learning_rate: float = 1e-2,
-               steps_per_call: int = 50) -> BaselineRun:
-    """Full-batch Adam on ½·mean‖Φ(x) − y‖² (Kingma & Ba 2015)."""
+               steps_per_call: int = 50, loss="squared") -> BaselineRun:
+    """Full-batch Adam on mean ℓ(Φ(x), y) (½‖·‖² by default; Kingma & Ba 2015)."""
     opt = optax.adam(learning_rate)
 
-    def update(p, s, loss):
-        return opt.update(jax.grad(loss)(p), s, p)
+    def update(p, s, objective):
+        return opt.update(jax.grad(objective)(p), s, p)
 
-    return _optax_budgeted(opt, update, model, x, y, time_budget, steps_per_call)
+    return _optax_budgeted(opt, update, model, x, y, time_budget, steps_per_call, loss)
 
 
-def train_lbfgs(model, x, y, *, time_budget: float, steps_per_call: int = 10) -> BaselineRun:
+def train_lbfgs(model, x, y, *, time_budget: float, steps_per_call: int = 10, loss="squared") -> BaselineRun:
     """Full-batch `optax.lbfgs` with its default zoom line search (Nocedal & Wright Alg. 7.5)."""
     opt = optax.lbfgs()
 
-    def update(p, s, loss):
-        v, g = optax.value_and_grad_from_state(loss)(p, state=s)
-        return opt.update(g, s, p, value=v, grad=g, value_fn=loss)
+    def update(p, s, objective):
+        v, g = optax.value_and_grad_from_state(objective)(p, state=s)
+        return opt.update(g, s, p, value=v, grad=g, value_fn=objective)
 
-    return _optax_budgeted(opt, update, model, x, y, time_budget, steps_per_call)
+    return _optax_budgeted(opt, update, model, x, y, time_budget, steps_per_call, loss)
 
 
 def train_optx_lm(model, x, y, *, time_budget: float, steps_per_call: int = 5) -> BaselineRun:
@@ -110,4 +122,4 @@ def train_optx_lm(model, x, y, *, time_budget: float, steps_per_call: int = 5) -
                                  max_steps=steps_per_call, throw=False)
         return (sol.value,)
 
-    return _run_budgeted(start, time_budget, run, (params,), static, x, y, steps_per_call)
+    return _run_budgeted(start, time_budget, run, (params,), static, x, y, steps_per_call, get_loss("squared"))

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ._losses import SQUARED, Loss
+
 
 class DenseParams(NamedTuple):
     """Weights of a dense chain; biases are `None` where the model has none."""
@@ -36,7 +38,7 @@ class DenseParams(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class ChainSpec:
-    """Static description of a dense chain (hashable, so it can be jit-static)."""
+    """Static description of a dense chain and its loss (hashable, so it can be jit-static)."""
 
     activation: Callable
     final_activation: Callable
@@ -52,6 +54,7 @@ class ChainSpec:
     skeleton: Any  # eqx non-array part of the model, to rebuild it
     treedef: Any  # treedef of eqx.filter(model, eqx.is_inexact_array)
     dtype: Any
+    loss: Loss = SQUARED  # the training loss (set by `alm(loss=...)`)
 
     def act(self, s):
         return _elementwise(self.activation)(s)

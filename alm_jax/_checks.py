@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._chain import ChainSpec
+from ._layers import LayerSpec
 
 
 def _is_concrete(a) -> bool:
@@ -65,22 +66,28 @@ def check_xy(spec: ChainSpec, x, y=None):
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"x and y: sample counts differ ({x.shape[0]} vs {y.shape[0]}).")
     _check_finite("y", y)
+    if _is_concrete(y):
+        spec.loss.check_targets(y)
     return x, y
 
 
-def check_states(name: str, spec: ChainSpec, states, m: int):
-    """Validate a tuple of N arrays of shape (m, width) and stack it to (N, m, width)."""
+def check_states(name: str, spec, states, m: int):
+    """Validate a tuple of N arrays of shape (m, width_a) and stack them to the internal layout
+    ((N, m, width) for an MLP, (1, m, Σ width_a) for a layer chain)."""
+    widths = spec.widths if isinstance(spec, LayerSpec) else (spec.width,) * spec.depth
     if not isinstance(states, (tuple, list)):
-        raise TypeError(f"{name}: expected a tuple of {spec.depth} arrays of shape (m, {spec.width}).")
+        raise TypeError(f"{name}: expected a tuple of {spec.depth} arrays of shapes (m, width) with widths {widths}.")
     if len(states) != spec.depth:
-        raise ValueError(f"{name}: expected {spec.depth} arrays (one per hidden layer), got {len(states)}.")
+        raise ValueError(f"{name}: expected {spec.depth} arrays (one per hidden state), got {len(states)}.")
     out = []
-    for i, s in enumerate(states):
+    for i, (s, n) in enumerate(zip(states, widths)):
         s = _as_float_array(f"{name}[{i}]", s, spec.dtype)
-        if s.shape != (m, spec.width):
-            raise ValueError(f"{name}[{i}]: expected shape {(m, spec.width)}, got {s.shape}.")
+        if s.shape != (m, n):
+            raise ValueError(f"{name}[{i}]: expected shape {(m, n)}, got {s.shape}.")
         _check_finite(f"{name}[{i}]", s)
         out.append(s)
+    if isinstance(spec, LayerSpec):
+        return jnp.concatenate(out, axis=-1)[None]
     return jnp.stack(out)
 
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from ._alm import ALMInfo, ALMSolver, ALMState, alm
-from ._chain import mlp_to_chain
+from ._models import to_chain
 from ._checks import check_int, check_positive, check_xy
 
 _DEFAULT_MAX_STEPS = 100
@@ -21,7 +21,8 @@ class History(NamedTuple):
 
     time: np.ndarray  # seconds since `fit` started (compilation included)
     objective: np.ndarray  # L_σ
-    mse: np.ndarray  # training MSE of the forward pass
+    loss: np.ndarray  # mean training loss of the forward pass
+    mse: np.ndarray  # training MSE of the forward pass's predictions
     h_norm: np.ndarray  # ‖h‖₂
     beta: np.ndarray
     damping: np.ndarray
@@ -58,7 +59,9 @@ def fit(
     neither budget is given, at most 100 updates are run.
 
     Args:
-        model: an `eqx.nn.MLP`.
+        model: an `eqx.nn.MLP`, an `eqx.nn.Sequential`, or a list of
+            equinox modules and `(apply_fn, params)` pairs (a general layer
+            chain; returned as an `eqx.nn.Sequential`).
         x, y: training data, (m, n_in) and (m, n_out).
         solver: an `alm(...)` solver; by default `alm(**solver_options)`.
         max_steps: cap on updates (LM iterations).
@@ -66,7 +69,8 @@ def fit(
         progress: show a progress bar with the MSE, ‖h‖ and β.
         callback: called as `callback(step, state, info)` after each update.
         **solver_options: passed to `alm` when `solver` is None (e.g.
-            `policy="alpaqa"`, `max_inner_steps=20`).
+            `policy="alpaqa"`, `max_inner_steps=20`,
+            `loss="softmax_cross_entropy"`).
 
     Returns:
         `FitResult(model, history, state)`.
@@ -81,7 +85,7 @@ def fit(
         check_positive("time_budget", time_budget)
     if max_steps is None and time_budget is None:
         max_steps = _DEFAULT_MAX_STEPS
-    _, spec = mlp_to_chain(model)
+    _, spec = to_chain(model, x)
     x, y = check_xy(spec, x, y)
 
     state = solver.init(model, x, y)
@@ -106,7 +110,9 @@ def fit(
             records.append(info)
             times.append(t - start)
             if bar is not None:
-                bar.set_postfix(mse=f"{info.mse:.3e}", h=f"{info.h_norm:.2e}", beta=f"{info.beta:.1e}", refresh=False)
+                shown = {"mse": info.mse} if state.spec.loss.name == "squared" else {"loss": info.loss}
+                bar.set_postfix({k: f"{v:.3e}" for k, v in shown.items()}, h=f"{info.h_norm:.2e}",
+                                beta=f"{info.beta:.1e}", refresh=False)
                 if max_steps is not None:
                     bar.update(1)
                 else:

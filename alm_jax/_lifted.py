@@ -8,7 +8,12 @@ sample. With z_0 = x,
     L_β = ½‖F‖² + ⟨λ, h⟩ + (β/2)‖h‖² = (β/2)‖F_β‖² − ‖λ‖²/(2β)
     F_β = [F/√β ; h + λ/β]
 
-Internally states and multipliers are stacked as (N, m, width) arrays. A
+For a loss other than ½‖·‖² (`spec.loss`, see `_losses`), ½‖F‖² becomes
+Σ_j ℓ(ŷ_j, y_j) and F its generalised Gauss–Newton residual r, whose
+Jacobian is L ∂ŷ; steps are then judged by `merit`, not by ½‖F_β‖².
+
+Internally states and multipliers are stacked as (N, m, width) arrays (for a
+general layer chain, `_layers`, as (1, m, D) with D the sum of the widths). A
 penalty may also be one value per constraint, σ (same shape as h); then the
 least-squares residual is [F/√β ; w ⊙ (h + λ/σ)] with β = max σ and
 w = √(σ/β), whose squared norm is still 2 L_σ/β + const.
@@ -19,7 +24,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from . import _layers
 from ._chain import ChainSpec, DenseParams
+from ._layers import LayerSpec
 
 
 def _affine(z, w, b):
@@ -28,7 +35,9 @@ def _affine(z, w, b):
 
 
 def forward_states_stacked(params: DenseParams, spec: ChainSpec, x):
-    """Hidden states of the forward pass, stacked as (N, m, width)."""
+    """Hidden states of the forward pass, stacked as (N, m, width) ((1, m, D) for a `LayerSpec`)."""
+    if isinstance(spec, LayerSpec):
+        return _layers.forward_states(params, spec, x)
     z1 = spec.act(_affine(x, params.w_in, params.b_in))
 
     def layer(z, wb):
@@ -41,7 +50,9 @@ def forward_states_stacked(params: DenseParams, spec: ChainSpec, x):
 
 
 def constraints_stacked(params: DenseParams, spec: ChainSpec, x, Z):
-    """h_a = z_{a+1} − φ(W_a z_a + b_a), stacked as (N, m, width)."""
+    """h_a = z_{a+1} − φ(W_a z_a + b_a), stacked as (N, m, width) ((1, m, D) for a `LayerSpec`)."""
+    if isinstance(spec, LayerSpec):
+        return _layers.constraints(params, spec, x, Z)
     h0 = Z[0] - spec.act(_affine(x, params.w_in, params.b_in))
     s = jnp.einsum("amk,aok->amo", Z[:-1], params.w_hid)
     if params.b_hid is not None:
@@ -52,6 +63,8 @@ def constraints_stacked(params: DenseParams, spec: ChainSpec, x, Z):
 
 def output_stacked(params: DenseParams, spec: ChainSpec, Z):
     """Prediction from the last lifted state, (m, n_out)."""
+    if isinstance(spec, LayerSpec):
+        return _layers.output(params, spec, Z)
     return spec.final_act(_affine(Z[-1], params.w_out, params.b_out))
 
 
@@ -69,19 +82,34 @@ def penalty_split(sigma):
     return beta, jnp.sqrt(sigma / beta)
 
 
-def lifted_residual(params, Z, spec, x, y, Lam, sigma):
-    """Least-squares residual [F/√β ; w ⊙ (h + λ/σ)] as a 1-D array."""
+def _weighted_constraints(params, Z, spec, x, Lam, sigma):
     beta, w = penalty_split(sigma)
-    F = output_stacked(params, spec, Z) - y
-    h = constraints_stacked(params, spec, x, Z)
-    c = h + Lam / sigma
-    if w is not None:
-        c = w * c
+    c = constraints_stacked(params, spec, x, Z) + Lam / sigma
+    return beta, (c if w is None else w * c)
+
+
+def lifted_residual(params, Z, spec, x, y, Lam, sigma):
+    """Least-squares residual [F/√β ; w ⊙ (h + λ/σ)] as a 1-D array (F: the loss's GGN residual)."""
+    beta, c = _weighted_constraints(params, Z, spec, x, Lam, sigma)
+    F = spec.loss.residual(output_stacked(params, spec, Z), y)
     return jnp.concatenate([(F / jnp.sqrt(beta)).reshape(-1), c.reshape(-1)])
 
 
+def total_loss(params, spec, Z, y):
+    """Σ_j ℓ(ŷ_j, y_j) at the lifted states (½‖F‖² for the squared loss)."""
+    return jnp.sum(spec.loss.value(output_stacked(params, spec, Z), y))
+
+
+def merit(params, Z, spec, x, y, Lam, sigma):
+    """L_σ/β up to a constant: Σℓ/β + ½‖w ⊙ (h + λ/σ)‖², the objective steps are accepted on.
+
+    For the squared loss it equals ½‖lifted_residual‖².
+    """
+    beta, c = _weighted_constraints(params, Z, spec, x, Lam, sigma)
+    return total_loss(params, spec, Z, y) / beta + 0.5 * jnp.sum(c * c)
+
+
 def augmented_lagrangian_stacked(params, Z, spec, x, y, Lam, sigma):
-    """L_σ = ½‖F‖² + ⟨λ, h⟩ + ½ Σ σ_i h_i²."""
-    F = output_stacked(params, spec, Z) - y
+    """L_σ = Σℓ + ⟨λ, h⟩ + ½ Σ σ_i h_i² (Σℓ = ½‖F‖² for the squared loss)."""
     h = constraints_stacked(params, spec, x, Z)
-    return 0.5 * jnp.sum(F * F) + jnp.sum(Lam * h) + 0.5 * jnp.sum(sigma * h * h)
+    return total_loss(params, spec, Z, y) + jnp.sum(Lam * h) + 0.5 * jnp.sum(sigma * h * h)

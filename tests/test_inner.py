@@ -1,5 +1,7 @@
 """Inner solvers × problems: decrease, stopping rule, matrix-free accuracy, selection."""
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -17,14 +19,19 @@ from alm_jax._linalg._matfree import apply_ju
 from _problems import make_problem
 
 NAMES = ["lm", "gn", "cg", "lbfgs", "adam", "bcd"]
-SHAPES = {"depth1": dict(depth=1, width=5, n_out=2), "depth3": dict(depth=3, width=4, n_out=1)}
+SHAPES = {"depth1": dict(depth=1, width=5, n_out=2), "depth3": dict(depth=3, width=4, n_out=1),
+          "xent_depth2": dict(depth=2, width=4, n_out=3, loss="softmax_cross_entropy")}
 
 
-def _subproblem(depth, width, n_out, m=12, sigma=3.0, seed=0):
+def _subproblem(depth, width, n_out, m=12, sigma=3.0, seed=0, loss="squared"):
     pb = make_problem(depth=depth, width=width, n_out=n_out, m=m, seed=seed)
     params, spec = mlp_to_chain(pb.model)
+    spec = dataclasses.replace(spec, loss=alm_jax.losses.get_loss(loss))
+    y = pb.y
+    if loss == "softmax_cross_entropy":
+        y = jax.nn.one_hot(jnp.arange(m) % n_out, n_out, dtype=y.dtype)
     Z, Lam = jnp.stack(pb.states), jnp.stack(pb.multipliers)
-    return params, spec, Z, inner_lib.Problem(spec, pb.x, pb.y, Lam, jnp.asarray(sigma))
+    return params, spec, Z, inner_lib.Problem(spec, pb.x, y, Lam, jnp.asarray(sigma))
 
 
 def _objective(params, Z, p):

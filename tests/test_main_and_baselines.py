@@ -46,3 +46,35 @@ def test_baselines_reduce_mse_within_budget(trainer):
     mse0 = float(jnp.mean((jax.vmap(model)(x) - y) ** 2))
     assert run.mses and run.mses[-1] < 0.5 * mse0
     assert run.seconds <= budget + max(0.5, 2 * float(np.median(np.diff(run.times))) if len(run.times) > 1 else 0.5)
+
+
+@pytest.mark.parametrize("trainer", [train_adam, train_lbfgs])
+def test_baselines_take_cross_entropy(trainer):
+    """With loss="softmax_cross_entropy" the baselines minimise the mean cross-entropy."""
+    data = alm_jax.datasets.load_digits(0)
+    x, y = jnp.asarray(data.x_train[:300]), jnp.asarray(data.y_train[:300])
+    model = eqx.nn.MLP(64, 10, 8, 1, activation=jnp.tanh, key=jax.random.key(0))
+    run = trainer(model, x, y, time_budget=4.0, loss="softmax_cross_entropy")
+    ce0 = float(jnp.mean(-jnp.sum(y * jax.nn.log_softmax(jax.vmap(model)(x)), axis=-1)))
+    assert run.losses and run.losses[-1] < 0.5 * ce0
+    assert len(run.losses) == len(run.mses) == len(run.times)
+
+
+def test_load_digits_split():
+    """Stratified 80/20 split, disjoint and complete; one-hot targets; standardised train pixels."""
+    d = alm_jax.datasets.load_digits(3)
+    assert d.x_train.shape[1] == d.x_test.shape[1] == 64
+    assert len(d.x_train) + len(d.x_test) == 1797
+    assert abs(len(d.x_test) / 1797 - 0.2) < 0.01
+    np.testing.assert_array_equal(np.argmax(d.y_train, -1), d.labels_train)
+    counts_tr, counts_te = np.bincount(d.labels_train, minlength=10), np.bincount(d.labels_test, minlength=10)
+    assert np.all(np.abs(counts_te / (counts_tr + counts_te) - 0.2) < 0.01)
+    used = d.x_train.std(0) > 0
+    np.testing.assert_allclose(d.x_train.mean(0), 0, atol=1e-12)
+    np.testing.assert_allclose(d.x_train.std(0)[used], 1, rtol=1e-12)
+    other = alm_jax.datasets.load_digits(4)
+    assert not np.array_equal(d.labels_test, other.labels_test)
+    with pytest.raises(ValueError, match="split"):
+        alm_jax.datasets.load_digits(-1)
+    with pytest.raises(ValueError, match="test_fraction"):
+        alm_jax.datasets.load_digits(0, test_fraction=1.5)

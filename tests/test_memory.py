@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from alm_jax._chain import mlp_to_chain
-from alm_jax._linalg import structured_step
+from alm_jax._linalg._schur import structured_step
 
 from _problems import make_problem
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from .._checks import check_int, check_positive
-from .._lifted import lifted_residual
+from .._lifted import lifted_residual, merit
 from .._linalg import structured_step
 from ._base import InnerResult, InnerSolver, Problem, all_finite, keep, tree_add, tree_where
 from ._lm import initial_damping
@@ -56,7 +56,7 @@ def gn(*, state_damping_ratio: float = 1e-6, regularisation: float = 1e-6, armij
     def step(params, Z, s: GNState, pb: Problem):
         def f(p, z):
             r = lifted_residual(p, z, pb.spec, pb.x, pb.y, pb.multipliers, pb.sigma)
-            return 0.5 * jnp.sum(r * r), r
+            return merit(p, z, pb.spec, pb.x, pb.y, pb.multipliers, pb.sigma), r
 
         f0, r0 = f(params, Z)
         mu = s.regularisation

@@ -3,7 +3,9 @@
 One iteration: the structured step with damping μ on the weights and ratio·μ
 on the states, the gain ratio
 
-    ρ = (f(x) − f(x + d)) / (f(x) − ½‖r + J d‖²)
+    ρ = (f(x) − f(x + d)) / (½‖r‖² − ½‖r + J d‖²)
+
+with f = L_σ/β (`_lifted.merit`; ½‖r‖² for the squared loss)
 
 and Nielsen's damping update: on success (ρ > η) μ ← μ·max(1/3, 1 − (2ρ−1)³),
 ν ← 2; on failure μ ← νμ, ν ← 2ν. A trial point with a non-finite step or
@@ -31,8 +33,10 @@ import jax
 import jax.numpy as jnp
 
 from .._checks import check_choice, check_int, check_positive
-from .._lifted import lifted_residual
+from .._lifted import lifted_residual, merit
 from .._linalg import explicit_fits, matfree_step, structured_step
+from .._layers import LayerSpec
+from .._linalg import _generic
 from .._linalg._linearise import linearise
 from ._base import InnerResult, InnerSolver, Problem, all_finite, nielsen, tree_add, tree_where
 
@@ -69,10 +73,12 @@ class LMState(NamedTuple):
 
 def initial_damping(params, spec, x, y, Z, Lam, sigma, tau=1e-3):
     """μ_0 = τ·max diag(J_θᵀJ_θ), the usual Levenberg–Marquardt start."""
+    if isinstance(spec, LayerSpec):
+        return _generic.initial_damping(params, spec, x, y, Z, Lam, sigma, tau)
     lin = linearise(params, spec, x, y, Z, Lam, sigma)
     d_in = jnp.einsum("ma,mk->ak", lin.c_h[0] ** 2, lin.zt_in**2)
     d_hid = jnp.einsum("gma,gmk->gak", lin.c_h[1:] ** 2, lin.zt_hid**2)
-    d_out = jnp.einsum("ma,mk->ak", lin.c_o**2, lin.zt_out**2)
+    d_out = jnp.einsum("mab,mk->bk", lin.c_o**2, lin.zt_out**2)
     top = jnp.maximum(jnp.max(d_in), jnp.max(d_out))
     if d_hid.size:
         top = jnp.maximum(top, jnp.max(d_hid))
@@ -103,15 +109,16 @@ def lm_iteration(params, Z, spec, x, y, Lam, sigma, damping, nu, opts: LMOptions
         return lifted_residual(p, z, spec, x, y, Lam, sigma)
 
     r0, vjp = jax.vjp(res, params, Z)
-    f0 = 0.5 * jnp.sum(r0 * r0)
+    f0 = merit(params, Z, spec, x, y, Lam, sigma)
     grad_norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree_util.tree_leaves(vjp(r0))))
     dp, dz = damped_step(params, Z, spec, x, y, Lam, sigma, damping, opts.state_damping_ratio * damping,
                          opts, grad_norm)
     _, jd = jax.jvp(res, (params, Z), (dp, dz))
-    pred = f0 - 0.5 * jnp.sum((r0 + jd) ** 2)
+    # The Gauss–Newton model's decrease; with a GGN loss r0 is not the
+    # objective's residual, but r0ᵀJ d is still its directional derivative.
+    pred = 0.5 * jnp.sum(r0 * r0) - 0.5 * jnp.sum((r0 + jd) ** 2)
     p1, z1 = tree_add(params, dp), Z + dz
-    r1 = res(p1, z1)
-    f1 = 0.5 * jnp.sum(r1 * r1)
+    f1 = merit(p1, z1, spec, x, y, Lam, sigma)
     rho = (f0 - f1) / jnp.where(pred > 0, pred, 1)
     ok = all_finite((dp, dz)) & jnp.isfinite(f1) & (pred > 0) & (rho > opts.accept_ratio)
     new_damping, new_nu = nielsen(ok, rho, damping, nu, opts.damping_min, opts.damping_max)

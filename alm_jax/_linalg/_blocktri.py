@@ -147,20 +147,21 @@ class Projector(NamedTuple):
 def projector(lin: Linearisation, fac: BlockTriFactor) -> Projector:
     """P = I − J_u Σ J_uᵀ for every sample.
 
-    J_u's blocks are diagonal (ω) or a diagonal times a weight matrix shared
-    by all samples (Ã_a = diag(s_a) W_a, C = diag(c_out) W_out), so both
-    products with J_u are elementwise scalings and large GEMMs over the
-    sample axis; only the selected inversion above is per-sample work.
+    J_u's stage blocks are diagonal (ω) or a diagonal times a weight matrix
+    shared by all samples (Ã_a = diag(s_a) W_a), so their products are
+    elementwise scalings and large GEMMs over the sample axis; the output
+    block C (n_y × n per sample) and the selected inversion above are the
+    per-sample work.
     """
     sig = inverse_blocks(fac)  # (N_i, N_t, m, n, n)
-    omega, w_out = lin.omega, lin.w_out
+    omega = lin.omega
     N, m, n = omega.shape
     # T = Σ J_uᵀ: stage columns (N_i, N_t, m, n, n), output columns (N_i, m, n, ny)
     t_st = sig * omega[None, :, :, None, :]
     if N > 1:
         shifted = jnp.einsum("itmak,tok->itmao", sig[:, :-1], lin.w_hid)
         t_st = t_st.at[:, 1:].add(-shifted * lin.s_hid[None, :, :, None, :])
-    t_out = jnp.einsum("imak,ok->imao", sig[:, -1], w_out) * lin.c_o[None, :, None, :]
+    t_out = jnp.einsum("imak,mok->imao", sig[:, -1], lin.c_mat)
     # J_u T: stage rows
     rt_st = omega[:, None, :, :, None] * t_st
     rt_so = omega[..., None] * t_out
@@ -168,7 +169,7 @@ def projector(lin: Linearisation, fac: BlockTriFactor) -> Projector:
         rt_st = rt_st.at[1:].add(-jnp.einsum("sok,stmkb->stmob", lin.w_hid, t_st[:-1])
                                  * lin.s_hid[:, None, :, :, None])
         rt_so = rt_so.at[1:].add(-jnp.einsum("sok,smkb->smob", lin.w_hid, t_out[:-1]) * lin.s_hid[..., None])
-    rt_oo = jnp.einsum("ok,mkb->mob", w_out, t_out[-1]) * lin.c_o[..., None]
+    rt_oo = jnp.einsum("mok,mkb->mob", lin.c_mat, t_out[-1])
     dt = omega.dtype
     ss = jnp.eye(N, dtype=dt)[:, :, None, None, None] * jnp.eye(n, dtype=dt) - rt_st
     oo = jnp.eye(rt_oo.shape[-1], dtype=dt) - rt_oo

@@ -8,11 +8,14 @@ activation slopes at the current pre-activations s_a:
                    ∂r_a/∂z_{a+1} = diag(ω_a)
                    ∂r_a/∂z_a     = −Ã_a,  Ã_a = diag(ω_a φ'(s_a)) W_a   (a ≥ 1)
                    ∂r_a/∂W̃_a    = diag(c_a) (rows ⊗ z̃_aᵀ),  c_a = −ω_a φ'(s_a)
-    output rows:   r_N = (φ_out(s_N) − y)/√β
-                   ∂r_N/∂z_N     = C = diag(φ_out'(s_N)/√β) W_N
-                   ∂r_N/∂W̃_N    = diag(c_N) (rows ⊗ z̃_Nᵀ),  c_N = φ_out'(s_N)/√β
+    output rows:   r_N = r(φ_out(s_N), y)/√β
+                   ∂r_N/∂z_N     = C = c_N W_N
+                   ∂r_N/∂W̃_N    = c_N (rows ⊗ z̃_Nᵀ),  c_N = L diag(φ_out'(s_N))/√β
 
-where W̃ = [W b] and z̃ = [z; 1] (no 1 appended when the layer has no bias).
+where W̃ = [W b] and z̃ = [z; 1] (no 1 appended when the layer has no bias),
+and (r, L) is the loss's Gauss–Newton residual and factor (`_losses`): for
+the squared loss r = φ_out(s_N) − y and L = I, so c_N is diagonal; for
+cross-entropy it is a dense n_y × n_y matrix per sample.
 """
 
 from __future__ import annotations
@@ -28,13 +31,13 @@ from .._lifted import penalty_split
 class Linearisation(NamedTuple):
     omega: jnp.ndarray  # (N, m, n) constraint row weights
     r_h: jnp.ndarray  # (N, m, n) stage residuals
-    r_o: jnp.ndarray  # (m, ny) output residual
+    r_o: jnp.ndarray  # (m, ny) output residual (the loss's GGN residual / √β)
     c_h: jnp.ndarray  # (N, m, n) weight-Jacobian row scaling, stages
-    c_o: jnp.ndarray  # (m, ny) weight-Jacobian row scaling, output
+    c_o: jnp.ndarray  # (m, ny, ny) ∂r_o/∂s_out: the output rows' factor
     s_hid: jnp.ndarray  # (N-1, m, n) ω_a φ'(s_a), a = 1..N-1: Ã_a = diag(s_hid) W_a
     w_hid: jnp.ndarray  # (N-1, n, n) W_a, a = 1..N-1 (shared by all samples)
     c_mat: jnp.ndarray  # (m, ny, n) C
-    w_out: jnp.ndarray  # (ny, n) W_out, so that C = diag(c_o) W_out
+    w_out: jnp.ndarray  # (ny, n) W_out, so that C = c_o W_out
     zt_in: jnp.ndarray  # (m, kF) z̃_0
     zt_hid: jnp.ndarray  # (N-1, m, kH) z̃_1..z̃_{N-1}
     zt_out: jnp.ndarray  # (m, kO) z̃_N
@@ -69,10 +72,11 @@ def linearise(params: DenseParams, spec: ChainSpec, x, y, Z, Lam, sigma, beta=No
     omega = jnp.ones_like(Z) if w is None else w
     inv_sb = 1 / jnp.sqrt(beta)
     r_h = omega * (Z - phi + Lam / sigma)
-    r_o = (phio - y) * inv_sb
+    r_fac, l_fac = spec.loss.factor(phio, y)
+    r_o = r_fac * inv_sb
     c_h = -omega * dphi
-    c_o = dphio * inv_sb
-    c_mat = c_o[:, :, None] * params.w_out[None]
+    c_o = l_fac * (dphio * inv_sb)[:, None, :]
+    c_mat = jnp.einsum("mab,bk->mak", c_o, params.w_out)
     return Linearisation(
         omega=omega,
         r_h=r_h,

@@ -77,7 +77,7 @@ def _layer_factors(spec, lin, fac, elim, key):
     e_o = jax.random.rademacher(jax.random.fold_in(key, 1), (_PROBES,) + lin.r_o.shape, lin.r_o.dtype)
     p_h, p_o = jax.vmap(lambda a, b: _project(lin, fac, elim, a, b))(e_h, e_o)
     g_h = lin.c_h * p_h  # (q, N, m, n)
-    g_o = lin.c_o * p_o  # (q, m, ny)
+    g_o = jnp.einsum("mab,qma->qmb", lin.c_o, p_o)  # (q, m, ny)
     scale = 1.0 / (_PROBES * m)
     gs = [jnp.einsum("qma,qmb->ab", g_h[:, 0], g_h[:, 0]) * scale,
           jnp.einsum("qgma,qgmb->gab", g_h[:, 1:], g_h[:, 1:]) * scale,

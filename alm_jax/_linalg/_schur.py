@@ -14,7 +14,9 @@ P_j formed from a backward selected-inversion sweep (`_blocktri`), or, with
 one hidden layer, both in closed form (`_onelayer`). For dense layers J_θ,j = diag(c)(rows ⊗ z̃ᵀ), so each block of S
 is one matrix product over the sample axis (the Kronecker trick):
 
-    S_st = Σ_j (z̃_s z̃_tᵀ) ⊗ (diag(c_s) P_j[s,t] diag(c_t))
+    S_st = Σ_j (z̃_s z̃_tᵀ) ⊗ (c_sᵀ P_j[s,t] c_t)
+
+(c_s = diag(c_s) for a stage, the loss factor c_N for the output rows)
 
 costing ≈ 2·m·P² flops, with no per-sample weight Jacobian (m × P) ever formed.
 The sum is accumulated over chunks of samples and, with several chunks, the
@@ -32,6 +34,7 @@ import numpy as np
 from jax.scipy.linalg import cho_solve
 
 from .._chain import ChainSpec, DenseParams
+from .._layers import LayerSpec
 from .._lifted import penalty_split
 from . import _blocktri, _onelayer
 from ._linearise import Linearisation, linearise
@@ -53,7 +56,9 @@ def _layout(spec: ChainSpec):
     return k_in, k_hid, k_out, sizes
 
 
-def num_weights(spec: ChainSpec) -> int:
+def num_weights(spec) -> int:
+    if isinstance(spec, LayerSpec):
+        return spec.n_weights
     return sum(_layout(spec)[3])
 
 
@@ -109,10 +114,10 @@ def _reduced_chunk(params, spec, x, y, Z, Lam, sigma, beta, mu_z, mask):
     proj = elim.projector(lin, fac)
     N = lin.omega.shape[0]
     c_h = lin.c_h * mask[None, :, None]
-    c_o = lin.c_o * mask[:, None]
+    c_o = lin.c_o * mask[:, None, None]
     q_ss = c_h[:, None, :, :, None] * proj.ss * c_h[None, :, :, None, :]
-    q_so = c_h[..., None] * proj.so * c_o[None, :, None, :]
-    q_oo = c_o[:, :, None] * proj.oo * c_o[:, None, :]
+    q_so = c_h[..., None] * jnp.einsum("smap,mpb->smab", proj.so, c_o)
+    q_oo = jnp.einsum("mpa,mpq,mqb->mab", c_o, proj.oo, c_o)
     pr_h = jnp.einsum("stmab,tmb->sma", proj.ss, lin.r_h) + jnp.einsum("smao,mo->sma", proj.so, lin.r_o)
     pr_o = jnp.einsum("smao,sma->mo", proj.so, lin.r_h) + jnp.einsum("mop,mp->mo", proj.oo, lin.r_o)
 
@@ -240,7 +245,7 @@ def weight_vjp(lin: Linearisation, w_h, w_o):
     return jnp.concatenate([
         jnp.einsum("ma,mk->ak", cw[0], lin.zt_in).reshape(-1),
         jnp.einsum("gma,gmk->gak", cw[1:], lin.zt_hid).reshape(-1),
-        jnp.einsum("ma,mk->ak", lin.c_o * w_o, lin.zt_out).reshape(-1),
+        jnp.einsum("moa,mo,mk->ak", lin.c_o, w_o, lin.zt_out).reshape(-1),
     ])
 
 
@@ -251,7 +256,7 @@ def weight_jvp(lin: Linearisation, dtheta: DenseParams, spec: ChainSpec):
     s_first = lin.zt_in @ t_in.T
     s_hid = jnp.einsum("amk,aok->amo", lin.zt_hid, t_hid)
     s_h = jnp.concatenate([s_first[None], s_hid], axis=0)
-    return lin.c_h * s_h, lin.c_o * (lin.zt_out @ t_out.T)
+    return lin.c_h * s_h, jnp.einsum("mab,mb->ma", lin.c_o, lin.zt_out @ t_out.T)
 
 
 def solve_spd(s_mat, g, mu):

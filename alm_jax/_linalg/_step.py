@@ -1,0 +1,24 @@
+"""One entry point per step kind, whatever the model: the dense chain of an
+`eqx.nn.MLP` (Kronecker-structured, `_schur`/`_matfree`) or a general layer
+chain (`_generic`)."""
+
+from __future__ import annotations
+
+from .._layers import LayerSpec
+from . import _generic, _matfree, _schur
+
+
+def structured_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, chunk=None):
+    """Exact structured LM step: `(dparams, dZ)`."""
+    impl = _generic.structured_step if isinstance(spec, LayerSpec) else _schur.structured_step
+    return impl(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, chunk)
+
+
+def matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=100, precondition=False):
+    """CG on the reduced weight system: `(dparams, dZ, cg_steps)`."""
+    if isinstance(spec, LayerSpec):
+        if precondition:
+            raise ValueError("precondition: the Kronecker preconditioner needs an eqx.nn.MLP model.")
+        return _generic.matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=max_steps)
+    return _matfree.matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=max_steps,
+                                 precondition=precondition)
