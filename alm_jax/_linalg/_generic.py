@@ -1,177 +1,279 @@
 """The structured step for general layer chains (`_layers.LayerSpec`).
 
-Same elimination as `_schur`, without assuming dense layers. Per sample j the
-residual rows are ρ_j = [r(ŷ_j, y_j)/√β ; w ⊙ (h_j + λ_j/σ_j)] (output, then
-the D constraint rows). The states' block J_u,j ((n_y + D) × D) comes from
-`jax.jacfwd` on that one sample (small), and
+Same elimination as `_schur`, without assuming dense layers. Per sample the
+residual rows are ρ = [r(ŷ, y)/√β ; c_0 ; … ; c_{N−1}], c_a = ω_a ⊙ (h_a + λ_a/σ_a)
+(ω_a = √(σ_a/β), 1 for a scalar penalty). The Jacobian blocks come from
+`jax.jacfwd` on one layer and one sample at a time (small):
 
-    H_j = J_u,jᵀ J_u,j + μ_z I    (D × D, inverted per sample by Cholesky)
-    P_j = I − J_u,j H_j⁻¹ J_u,jᵀ
-    S   = Σ_j J_θ,jᵀ P_j J_θ,j + μ_θ I,    S dθ = −Σ_j J_θ,jᵀ P_j ρ_j
-    dz_j = −H_j⁻¹ J_u,jᵀ (ρ_j + J_θ,j dθ)
+    A_a = ∂f_a/∂z_a  (n_{a+1} × n_a),   C = L ∂f_N/∂z_N / √β,
 
-Exact (`structured_step`): J_θ,j is formed by forward-mode differentiation
-over chunks of samples and S accumulated chunk by chunk, O(m·(n_y + D)·P²)
-time and O(chunk·(n_y + D)·P + P²) memory: no Kronecker shortcut, so the
-`eqx.nn.MLP` path is faster for plain dense chains. Matrix free
-(`matfree_step`): S v through one `jax.jvp` and one `jax.vjp` of the batched
-residual per CG iteration, memory O(P + m·D²).
+so J_u is block lower-bidiagonal (diag(ω_a) and −diag(ω_a)A_a, C for the
+output) and H = J_uᵀJ_u + μ_z I block tridiagonal with blocks of differing
+sizes, factored by a block Cholesky sweep over the layers (unrolled: widths
+differ) with the inverses of the diagonal factors formed explicitly, as in
+`_blocktri`. Then, as in `_schur`,
+
+    P   = I − J_u H⁻¹ J_uᵀ,    S = Σ_j J_θᵀ P J_θ + μ_θ I,   S dθ = −Σ_j J_θᵀ P ρ
+    dz  = −H⁻¹ J_uᵀ (ρ + J_θ dθ)
+
+Both steps apply S v = J_θᵀ P J_θ v + μ_θ v through one `jax.jvp` and one
+`jax.vjp` of the batched residual and the per-sample factor (O(m·N·n²) per
+product beyond the network's own passes; memory O(P + m·N·n²)). Matrix free
+(`matfree_step`), CG on S; exact (`structured_step`), S materialised from P
+such products, batched over weight directions, then Cholesky: O(P) network
+passes per step, so for plain dense chains an `eqx.nn.MLP` (Kronecker
+assembly) is much faster.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import lineax as lx
+import numpy as np
 from jax.flatten_util import ravel_pytree
-from jax.scipy.linalg import cho_solve
+from jax.scipy.linalg import solve_triangular
 
-from .._layers import LayerSpec, sample_constraints, sample_output
+from .._layers import LayerSpec, sample_constraints, sample_output, split_states
 from .._lifted import penalty_split
 from ._schur import solve_spd
 
-# Elements of the per-chunk weight Jacobian (n_y + D) × P per sample; ~256 MiB in float64.
+# Elements of the residual-sized work arrays of one batch of weight directions (~256 MiB in float64).
 _JAC_BUDGET = 1 << 25
 
 
-def _rows(flat_params, u, x, y, lam, sig, unravel, spec: LayerSpec, beta, sig_scalar):
-    """ρ for one sample: [r/√β ; w ⊙ (h + λ/σ)]."""
-    params = unravel(flat_params)
+class Blocks(NamedTuple):
+    """One sample's linearisation (vmapped: every leaf gains a leading sample axis)."""
+
+    r: jnp.ndarray  # (R,) ρ, rows [output ; c_0 ; … ; c_{N−1}]
+    omega: list  # ω_a, (n_{a+1},)
+    a_mat: list  # A_1 … A_{N−1}
+    c_mat: jnp.ndarray  # (n_y, n_N)
+
+
+class Factor(NamedTuple):
+    linv: list  # L_i⁻¹ per state block
+    k: list  # K_i = L_i⁻¹ H[i, i+1]
+
+
+def _rows_layout(spec: LayerSpec):
+    """Row offsets of [output, c_0, …, c_{N−1}] in ρ."""
+    return tuple(int(v) for v in np.cumsum((0, spec.n_out) + spec.widths))
+
+
+def _weights(sig, spec, beta, sig_scalar):
+    if sig_scalar:
+        return [jnp.ones((n,), beta.dtype) for n in spec.widths]
+    return [jnp.sqrt(s / beta) for s in split_states(spec, sig)]
+
+
+def _sample_rows(params, spec: LayerSpec, x, u, y, lam, sig, beta, sig_scalar):
+    """ρ for one sample; its JVP is the (generalised) Gauss–Newton Jacobian."""
     r = spec.loss.residual(sample_output(params, spec, u), y) / jnp.sqrt(beta)
-    c = sample_constraints(params, spec, x, u) + lam / sig
+    c = sample_constraints(params, spec, x, u) + lam / (beta if sig_scalar else sig)
     if not sig_scalar:
         c = jnp.sqrt(sig / beta) * c
     return jnp.concatenate([r, c])
 
 
+def _sample_blocks(params, spec: LayerSpec, x, u, y, lam, sig, beta, sig_scalar) -> Blocks:
+    zs = split_states(spec, u)
+    prev = [x] + zs[:-1]
+    omega = _weights(sig, spec, beta, sig_scalar)
+    inv_sb = 1 / jnp.sqrt(beta)
+
+    def f(a, theta, z):
+        return spec.layer(_with(params, a, theta), a)(z)
+
+    a_mat = []
+    for a in range(spec.depth):
+        if a >= 1:
+            a_mat.append(jax.jacfwd(lambda z, a=a: f(a, params[a], z))(prev[a]))
+    n = spec.depth
+    l_fac = spec.loss.factor(f(n, params[n], zs[-1]), y)[1]
+    c_mat = l_fac @ jax.jacfwd(lambda z: f(n, params[n], z))(zs[-1]) * inv_sb
+    r = _sample_rows(params, spec, x, u, y, lam, sig, beta, sig_scalar)
+    return Blocks(r, omega, a_mat, c_mat)
+
+
+def _with(params, a, theta):
+    return params[:a] + (theta,) + params[a + 1:]
+
+
+def _tri_inv(chol):
+    return solve_triangular(chol, jnp.eye(chol.shape[-1], dtype=chol.dtype), lower=True)
+
+
+def _factor(b: Blocks, mu_z) -> Factor:
+    """Block Cholesky of H = J_uᵀJ_u + μ_z I for one sample (module docstring)."""
+    n = len(b.omega)
+    linv, ks, corr = [], [], None
+    for i in range(n):
+        w2 = b.omega[i] ** 2
+        d = jnp.diag(w2 + mu_z)
+        if i + 1 < n:
+            a = b.a_mat[i]  # A_{i+1}
+            d = d + a.T @ (b.omega[i + 1][:, None] ** 2 * a)
+        else:
+            d = d + b.c_mat.T @ b.c_mat
+        if corr is not None:
+            d = d - corr
+        li = _tri_inv(jnp.linalg.cholesky(d))
+        linv.append(li)
+        if i + 1 < n:
+            k = -li @ (b.a_mat[i].T * b.omega[i + 1][None, :] ** 2)
+            ks.append(k)
+            corr = k.T @ k
+    return Factor(linv, ks)
+
+
+def _solve(fac: Factor, rhs):
+    """H⁻¹ rhs for one sample, rhs a list of (n_i, q) blocks."""
+    n = len(fac.linv)
+    ys = []
+    for i in range(n):
+        v = rhs[i] if i == 0 else rhs[i] - fac.k[i - 1].T @ ys[-1]
+        ys.append(fac.linv[i] @ v)
+    xs = [None] * n
+    for i in reversed(range(n)):
+        v = ys[i] if i == n - 1 else ys[i] - fac.k[i] @ xs[i + 1]
+        xs[i] = fac.linv[i].T @ v
+    return xs
+
+
+def _jut(b: Blocks, rows, e):
+    """J_uᵀ e for one sample: e (R, q) → list of state blocks (n_i, q)."""
+    n = len(b.omega)
+    cons = [e[rows[i + 1]:rows[i + 2]] for i in range(n)]
+    out = []
+    for i in range(n):
+        v = b.omega[i][:, None] * cons[i]
+        if i + 1 < n:
+            v = v - b.a_mat[i].T @ (b.omega[i + 1][:, None] * cons[i + 1])
+        else:
+            v = v + b.c_mat.T @ e[: rows[1]]
+        out.append(v)
+    return out
+
+
+def _ju(b: Blocks, v):
+    """J_u v for one sample: list of state blocks (n_i, q) → (R, q)."""
+    n = len(b.omega)
+    cons = []
+    for i in range(n):
+        c = v[i] if i == 0 else v[i] - b.a_mat[i - 1] @ v[i - 1]
+        cons.append(b.omega[i][:, None] * c)
+    return jnp.concatenate([b.c_mat @ v[-1]] + cons)
+
+
+def _project(b: Blocks, fac: Factor, rows, e):
+    """P e = e − J_u H⁻¹ J_uᵀ e for one sample, e (R, q)."""
+    return e - _ju(b, _solve(fac, _jut(b, rows, e)))
+
+
+def _state_step(b: Blocks, fac: Factor, rows, rhs):
+    """−H⁻¹ J_uᵀ rhs for one sample, concatenated (D,)."""
+    return -jnp.concatenate(_solve(fac, _jut(b, rows, rhs[:, None])))[:, 0]
+
+
 def _setup(params, spec, x, y, Z, Lam, sigma):
-    flat, unravel = ravel_pytree(params)
     beta = penalty_split(sigma)[0]
     sig_scalar = jnp.ndim(sigma) == 0
     sig = jnp.broadcast_to(sigma, Z.shape)[0] if not sig_scalar else jnp.zeros((Z.shape[1], 0), Z.dtype)
-
-    def rho(fp, u, xj, yj, lj, sj):
-        return _rows(fp, u, xj, yj, lj, sigma if sig_scalar else sj, unravel, spec, beta, sig_scalar)
-
-    data = (Z[0], x, y, Lam[0], sig)
-    return flat, unravel, rho, data
+    return beta, sig_scalar, (x, Z[0], y, Lam[0], sig)
 
 
-def _state_blocks(flat, rho, data, mu_z):
-    """Per sample: ρ_j, J_u,j and H_j⁻¹ (formed once from the Cholesky factor).
+def _batched_rows(params, spec, data, beta, sig_scalar):
+    """ρ for all samples as a function of the flat weights (for jvp/vjp)."""
+    flat, unravel = ravel_pytree(params)
 
-    The explicit inverse turns every later solve into a batched matrix
-    product, which XLA:CPU runs far faster than batched triangular solves
-    (as in `_blocktri`); H_j is well conditioned (H ⪰ J_uᵀJ_u ≻ 0, see there).
-    """
+    def rows_of(fp):
+        p = unravel(fp)
+        return jax.vmap(lambda *d: _sample_rows(p, spec, *d, beta, sig_scalar))(*data)
 
-    def one(u, xj, yj, lj, sj):
-        r = rho(flat, u, xj, yj, lj, sj)
-        ju = jax.jacfwd(rho, argnums=1)(flat, u, xj, yj, lj, sj)
-        eye = jnp.eye(u.shape[0], dtype=u.dtype)
-        h = ju.T @ ju + mu_z * eye
-        return r, ju, cho_solve((jnp.linalg.cholesky(h), True), eye)
+    return flat, unravel, rows_of
+
+
+def _linearise(params, spec, data, beta, sig_scalar, mu_z):
+    def one(*d):
+        b = _sample_blocks(params, spec, *d, beta, sig_scalar)
+        return b, _factor(b, mu_z)
 
     return jax.vmap(one)(*data)
 
 
-def _project(ju, hinv, e):
-    """P e = e − J_u H⁻¹ J_uᵀ e for every sample (e: (m, rows, q))."""
-    return e - ju @ (hinv @ (jnp.swapaxes(ju, -1, -2) @ e))
-
-
-def _jt_apply(flat, rho, data, v):
-    """J_θ v for all samples, (m, rows)."""
-    return jax.jvp(lambda fp: jax.vmap(lambda *d: rho(fp, *d))(*data), (flat,), (v,))[1]
-
-
-def _back_substitute(flat, rho, data, r, ju, hinv, dflat):
-    rhs = r + _jt_apply(flat, rho, data, dflat)
-    return -jnp.einsum("mab,mrb,mr->ma", hinv, ju, rhs)
-
-
-def _chunk_size(spec: LayerSpec, m, rows):
-    per_sample = max(1, rows * spec.n_weights)
-    chunk = max(1, min(m, _JAC_BUDGET // per_sample))
-    n_chunks = -(-m // chunk)
-    return -(-m // n_chunks), n_chunks
-
-
-def _pad(a, total):
-    return jnp.pad(a, [(0, total - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
-
-
 @functools.partial(jax.jit, static_argnames=("spec", "chunk"))
 def structured_step(params, spec: LayerSpec, x, y, Z, Lam, sigma, mu_w, mu_z, chunk=None):
-    """Exact minimiser of ‖J d + ρ‖² + μ_w‖dθ‖² + μ_z‖dZ‖² (module docstring)."""
-    flat, unravel, rho, data = _setup(params, spec, x, y, Z, Lam, sigma)
-    r, ju, hinv = _state_blocks(flat, rho, data, mu_z)
-    m, rows = r.shape
+    """Exact minimiser of ‖J d + ρ‖² + μ_w‖dθ‖² + μ_z‖dZ‖² (module docstring).
+
+    S is materialised column by column from the matrix-free product, in
+    batches of weight directions sized to the memory budget (`chunk`, if
+    given, is the number of directions per batch).
+    """
+    beta, sig_scalar, data = _setup(params, spec, x, y, Z, Lam, sigma)
+    rows = _rows_layout(spec)
+    flat, _, rows_of = _batched_rows(params, spec, data, beta, sig_scalar)
+    r, vjp = jax.vjp(rows_of, flat)
+    b, fac = _linearise(params, spec, data, beta, sig_scalar, mu_z)
+    project = _projector(b, fac, rows)
+
+    def column(v):
+        return vjp(project(jax.jvp(rows_of, (flat,), (v,))[1]))[0]
+
     p = flat.size
-    if chunk is None:
-        chunk, n_chunks = _chunk_size(spec, m, rows)
-    else:
-        chunk = int(min(chunk, m))
-        n_chunks = -(-m // chunk)
-    total = chunk * n_chunks
-    # Padded samples carry a zero mask; their residual and weight-Jacobian rows are zeroed
-    # (their H⁻¹ is padded with zeros, so they contribute nothing).
-    mask = _pad(jnp.ones((m,), x.dtype), total)
-    blocks = [_pad(a, total).reshape((n_chunks, chunk) + a.shape[1:]) for a in (*data, r, ju, hinv)]
-    sig_blk = blocks[4]
-    if sig_blk.shape[-1]:
-        sig_blk = sig_blk + (1 - mask.reshape(n_chunks, chunk))[..., None]  # keeps λ/σ finite when padded
-    xs = (blocks[0], blocks[1], blocks[2], blocks[3], sig_blk, blocks[5], blocks[6], blocks[7],
-          mask.reshape(n_chunks, chunk))
-
-    def body(acc, blk):
-        u, xj, yj, lj, sj, rj, juj, cj, mj = blk
-        jt = jax.vmap(lambda *d: jax.jacfwd(rho)(flat, *d))(u, xj, yj, lj, sj) * mj[:, None, None]
-        q = _project(juj, cj, jt)
-        s_c = jnp.einsum("mrp,mrq->pq", jt, q)
-        g_c = jnp.einsum("mrp,mr->p", q, rj * mj[:, None])
-        return (acc[0] + s_c, acc[1] + g_c), None
-
-    init = (jnp.zeros((p, p), x.dtype), jnp.zeros((p,), x.dtype))
-    (s_mat, g), _ = jax.lax.scan(body, init, xs)
+    batch = chunk if chunk is not None else max(1, min(p, _JAC_BUDGET // max(1, r.size)))
+    s_mat = jax.lax.map(column, jnp.eye(p, dtype=flat.dtype), batch_size=int(min(batch, p)))
+    g = vjp(project(r))[0]
     dflat = -solve_spd(0.5 * (s_mat + s_mat.T), g, mu_w)
-    du = _back_substitute(flat, rho, data, r, ju, hinv, dflat)
+    return _finish(params, spec, data, beta, sig_scalar, mu_z, rows, dflat)
+
+
+def _projector(b, fac, rows):
+    def project(e):
+        return jax.vmap(lambda bj, fj, ej: _project(bj, fj, rows, ej[:, None])[:, 0])(b, fac, e)
+
+    return project
+
+
+def _finish(params, spec, data, beta, sig_scalar, mu_z, rows, dflat):
+    """(dparams, dZ) from the weight step: the states' back-substitution."""
+    flat, unravel, rows_of = _batched_rows(params, spec, data, beta, sig_scalar)
+    r, jd = jax.jvp(rows_of, (flat,), (dflat,))
+    b, fac = _linearise(params, spec, data, beta, sig_scalar, mu_z)
+    du = jax.vmap(lambda bj, fj, v: _state_step(bj, fj, rows, v))(b, fac, r + jd)
     return unravel(dflat), du[None]
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "max_steps"))
 def matfree_step(params, spec: LayerSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=100):
     """Inexact minimiser by CG on the reduced system, S applied by jvp/vjp; returns (dparams, dZ, steps)."""
-    flat, unravel, rho, data = _setup(params, spec, x, y, Z, Lam, sigma)
-    r, ju, hinv = _state_blocks(flat, rho, data, mu_z)
-
-    def batched(fp):
-        return jax.vmap(lambda *d: rho(fp, *d))(*data)
-
-    _, vjp = jax.vjp(batched, flat)
+    beta, sig_scalar, data = _setup(params, spec, x, y, Z, Lam, sigma)
+    rows = _rows_layout(spec)
+    flat, unravel, rows_of = _batched_rows(params, spec, data, beta, sig_scalar)
+    r, vjp = jax.vjp(rows_of, flat)
+    b, fac = _linearise(params, spec, data, beta, sig_scalar, mu_z)
+    project = _projector(b, fac, rows)
 
     def s_apply(v):
-        e = _jt_apply(flat, rho, data, v)
-        return vjp(_project(ju, hinv, e[..., None])[..., 0])[0] + mu_w * v
+        return vjp(project(jax.jvp(rows_of, (flat,), (v,))[1]))[0] + mu_w * v
 
-    g = vjp(_project(ju, hinv, r[..., None])[..., 0])[0]
+    g = vjp(project(r))[0]
     struct = jax.ShapeDtypeStruct(g.shape, g.dtype)
     op = lx.FunctionLinearOperator(s_apply, struct, tags=lx.positive_semidefinite_tag)
     sol = lx.linear_solve(op, -g, lx.CG(rtol=rtol, atol=0.0, max_steps=max_steps), throw=False)
-    du = _back_substitute(flat, rho, data, r, ju, hinv, sol.value)
+    jd = jax.jvp(rows_of, (flat,), (sol.value,))[1]
+    du = jax.vmap(lambda bj, fj, v: _state_step(bj, fj, rows, v))(b, fac, r + jd)
     return unravel(sol.value), du[None], sol.stats["num_steps"]
 
 
 def initial_damping(params, spec: LayerSpec, x, y, Z, Lam, sigma, tau=1e-3, probes=8):
     """τ·max diag(J_θᵀJ_θ), the diagonal estimated from Rademacher probes (E[(J_θᵀv)²] = diag)."""
-    flat, unravel, rho, data = _setup(params, spec, x, y, Z, Lam, sigma)
-
-    def batched(fp):
-        return jax.vmap(lambda *d: rho(fp, *d))(*data)
-
-    r, vjp = jax.vjp(batched, flat)
+    beta, sig_scalar, data = _setup(params, spec, x, y, Z, Lam, sigma)
+    flat, _, rows_of = _batched_rows(params, spec, data, beta, sig_scalar)
+    r, vjp = jax.vjp(rows_of, flat)
     v = jax.random.rademacher(jax.random.key(0), (probes,) + r.shape, r.dtype)
     diag = jnp.mean(jax.vmap(lambda e: vjp(e)[0] ** 2)(v), axis=0)
     top = jnp.max(diag) if diag.size else jnp.zeros((), r.dtype)
