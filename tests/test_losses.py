@@ -65,13 +65,14 @@ def _dense_ggn_step(prob, y, beta, mu_w, mu_z):
     return jnp.linalg.lstsq(a, b)[0]
 
 
+SLOW = pytest.mark.slow  # kept out of the default run to hold it under ~10 minutes
 CASES = [
     # depth, width, n_in, n_out, m, bias, mu_w, mu_z, chunk
     (1, 4, 3, 2, 7, True, 1e-2, 1e-2, None),
-    (1, 5, 2, 4, 9, True, 1e-3, 1e-8, None),
+    pytest.param((1, 5, 2, 4, 9, True, 1e-3, 1e-8, None), marks=SLOW),
     (2, 4, 3, 3, 6, False, 1e-2, 1e-3, None),
     (2, 3, 4, 5, 8, True, 1e-1, 0.0, 3),
-    (3, 4, 2, 3, 7, True, 1e-2, 1e-4, None),
+    pytest.param((3, 4, 2, 3, 7, True, 1e-2, 1e-4, None), marks=SLOW),
     (4, 3, 3, 2, 6, True, 1e-3, 1e-2, 2),
 ]
 
@@ -132,7 +133,7 @@ def _blobs(m_per, n_classes, dim, seed):
     return x, jax.nn.one_hot(labels, n_classes, dtype=jnp.float64), labels
 
 
-@pytest.mark.parametrize("inner", ["cg", "lm"])
+@pytest.mark.parametrize("inner", ["cg", pytest.param("lm", marks=SLOW)])
 def test_fit_classifies_separable_blobs(inner):
     """Three well-separated Gaussian blobs: the mean cross-entropy falls below 0.05 and
     every training point is classified correctly within 60 updates."""
