@@ -82,25 +82,13 @@ def _sample_rows(params, spec: LayerSpec, x, u, y, lam, sig, beta, sig_scalar):
 def _sample_blocks(params, spec: LayerSpec, x, u, y, lam, sig, beta, sig_scalar) -> Blocks:
     zs = split_states(spec, u)
     prev = [x] + zs[:-1]
-    omega = _weights(sig, spec, beta, sig_scalar)
-    inv_sb = 1 / jnp.sqrt(beta)
-
-    def f(a, theta, z):
-        return spec.layer(_with(params, a, theta), a)(z)
-
-    a_mat = []
-    for a in range(spec.depth):
-        if a >= 1:
-            a_mat.append(jax.jacfwd(lambda z, a=a: f(a, params[a], z))(prev[a]))
-    n = spec.depth
-    l_fac = spec.loss.factor(f(n, params[n], zs[-1]), y)[1]
-    c_mat = l_fac @ jax.jacfwd(lambda z: f(n, params[n], z))(zs[-1]) * inv_sb
+    # A_a = ∂f_a/∂z_a for a = 1..N−1; the first layer's input is data, not a state.
+    a_mat = [jax.jacfwd(spec.layer(params, a))(prev[a]) for a in range(1, spec.depth)]
+    last = spec.layer(params, spec.depth)
+    l_fac = spec.loss.factor(last(zs[-1]), y)[1]
+    c_mat = l_fac @ jax.jacfwd(last)(zs[-1]) / jnp.sqrt(beta)
     r = _sample_rows(params, spec, x, u, y, lam, sig, beta, sig_scalar)
-    return Blocks(r, omega, a_mat, c_mat)
-
-
-def _with(params, a, theta):
-    return params[:a] + (theta,) + params[a + 1:]
+    return Blocks(r, _weights(sig, spec, beta, sig_scalar), a_mat, c_mat)
 
 
 def _tri_inv(chol):
