@@ -77,6 +77,22 @@ def teacher_student(split, depth, width, m=1000, n_in=8, noise=0.01):
     return RegressionData(TEACHER, x[:n_tr], y[:n_tr], x[n_tr:], y[n_tr:], mean, std)
 
 
+class Residual(eqx.Module):
+    lin: eqx.nn.Linear
+
+    def __call__(self, z, *, key=None):
+        return z + jnp.tanh(self.lin(z))
+
+
+def residual_chain(n_in, width, depth, key):
+    """Linear–tanh–(residual block, LayerNorm)×depth–Linear, as a Sequential (a general layer chain)."""
+    k = jax.random.split(key, depth + 2)
+    layers = [eqx.nn.Linear(n_in, width, key=k[0]), eqx.nn.Lambda(jnp.tanh)]
+    for i in range(depth):
+        layers += [Residual(eqx.nn.Linear(width, width, key=k[1 + i])), eqx.nn.LayerNorm(width)]
+    return eqx.nn.Sequential(layers + [eqx.nn.Linear(width, 1, key=k[-1])])
+
+
 def evaluate(model, data):
     pred_tr = np.asarray(jax.vmap(model)(jnp.asarray(data.x_train)))
     pred_te = np.asarray(jax.vmap(model)(jnp.asarray(data.x_test)))
@@ -95,6 +111,9 @@ def main(argv=None, alm_variants=None):
     ap.add_argument("--policy", default=None, help="ALM policy (default: the library's)")
     ap.add_argument("--width", type=int, default=50)
     ap.add_argument("--depth", type=int, default=1)
+    ap.add_argument("--model", choices=["mlp", "resnorm"], default="mlp",
+                    help="mlp: eqx.nn.MLP; resnorm: a general layer chain Linear-tanh-(residual block, "
+                         "LayerNorm)×depth-Linear given as a list of modules")
     ap.add_argument("--target", type=float, default=0.05, help="train MSE (standardised) for time-to-target")
     ap.add_argument("--out", default="benchmarks/out/uci")
     args = ap.parse_args(argv)
@@ -106,8 +125,9 @@ def main(argv=None, alm_variants=None):
     meta = {"command": " ".join(["python"] + sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "device": str(jax.devices()[0]), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "float": "float64",
             "budget_s": budget, "splits": n_splits, "width": args.width, "depth": args.depth, "policy": args.policy,
+            "model": args.model,
             "alm_variants": {k: repr(v) for k, v in (alm_variants or {}).items()}}
-    print(f"# UCI suite: {n_splits} splits, {budget:g} s per method, {args.depth}x{args.width} tanh, float64, "
+    print(f"# UCI suite: {n_splits} splits, {budget:g} s per method, {args.model} {args.depth}x{args.width} tanh, float64, "
           f"XLA_FLAGS={meta['XLA_FLAGS']!r}")
     results = {}
     for name in args.datasets:
@@ -117,8 +137,11 @@ def main(argv=None, alm_variants=None):
                 data = teacher_student(split, args.depth, args.width)
             else:
                 data = alm_jax.datasets.load_uci(name, split)
-            model = eqx.nn.MLP(data.x_train.shape[1], 1, args.width, args.depth, activation=jnp.tanh,
-                               key=jax.random.key(split))
+            if args.model == "mlp":
+                model = eqx.nn.MLP(data.x_train.shape[1], 1, args.width, args.depth, activation=jnp.tanh,
+                                   key=jax.random.key(split))
+            else:
+                model = residual_chain(data.x_train.shape[1], args.width, args.depth, jax.random.key(split))
             x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
             for method in args.methods:
                 extra = None
