@@ -76,7 +76,7 @@ def _ggn_residual_jvp(loss, primals, tangents):
 
 
 def _ggn_residual(loss: Loss, o, y):
-    if loss.name == "squared":
+    if loss is SQUARED:
         return o - y  # L = I: the native derivative is already the factor
     return _ggn_residual_impl(loss, o, y)
 

@@ -29,7 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from uci_suite import plot_curves  # noqa: E402  (sets XLA_FLAGS before jax is imported)
 
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
@@ -110,30 +112,8 @@ def main(argv=None):
         print(f"  {method:10s} {ms('train_loss', '.3e')} | {ms('train_acc', '.4f')} | {ms('test_acc', '.4f')} | "
               f"{int(np.median(rec['steps'])):6d} | {tt}")
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": recs}, indent=1))
-    _plot(recs, out / "digits.png")
+    plot_curves(recs, out / "digits.png", "digits, split 0", key="loss", ylabel="train cross-entropy (mean)")
     print(f"\n# wrote {out}/results.json and {out}/digits.png")
-
-
-def _plot(recs, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plots are optional: pip install -e ".[bench]"
-        return
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for method, rec in recs.items():
-        c = rec["curves"][0]
-        if c["time"]:
-            ax.semilogy(c["time"], c["loss"], label=method)
-    ax.set_xlabel("seconds (compilation included)")
-    ax.set_ylabel("train cross-entropy (mean)")
-    ax.set_title("digits, split 0")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -174,12 +174,13 @@ def main(argv=None, alm_variants=None):
             hits = [t for t in rec["t_target"] if t is not None]
             tt = f"{np.median(hits):6.2f}" if len(hits) == len(rec["t_target"]) else f"{len(hits)}/{len(rec['t_target'])} reached"
             print(f"  {method:14s} {tr.mean():.3e} ± {se(tr):.1e} | {te.mean():.4g} ± {se(te):.2g} | {tt}")
-        _plot(name, per_method, out / f"{name}.png")
+        plot_curves(per_method, out / f"{name}.png", f"{name}, split 0")
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(f"\n# wrote {out}/results.json and one PNG per data set")
 
 
-def _plot(name, per_method, path):
+def plot_curves(per_method, path, title, key="mse", ylabel="train MSE (standardised)"):
+    """Split 0's curve `key` vs seconds for every method, one PNG (skipped without matplotlib)."""
     try:
         import matplotlib
 
@@ -191,10 +192,10 @@ def _plot(name, per_method, path):
     for method, rec in per_method.items():
         c = rec["curves"][0]
         if c["time"]:
-            ax.semilogy(c["time"], c["mse"], label=method)
+            ax.semilogy(c["time"], c[key], label=method)
     ax.set_xlabel("seconds (compilation included)")
-    ax.set_ylabel("train MSE (standardised)")
-    ax.set_title(f"{name}, split 0")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -193,6 +193,41 @@ def _linearise(params, spec, data, beta, sig_scalar, mu_z):
     return jax.vmap(one)(*data)
 
 
+class _Reduced(NamedTuple):
+    """What both steps share: the batched residual, its VJP, the per-sample factor and P."""
+
+    flat: jnp.ndarray
+    unravel: object
+    rows_of: object
+    r: jnp.ndarray
+    vjp: object
+    blocks: Blocks
+    fac: Factor
+    rows: tuple
+
+    def project(self, e):
+        """P e for every sample, e (m, R)."""
+        return jax.vmap(lambda bj, fj, ej: _project(bj, fj, self.rows, ej[:, None])[:, 0])(self.blocks, self.fac, e)
+
+    def s_times(self, v):
+        """J_θᵀ P J_θ v."""
+        return self.vjp(self.project(jax.jvp(self.rows_of, (self.flat,), (v,))[1]))[0]
+
+    def finish(self, dflat):
+        """(dparams, dZ) from the weight step: the states' back-substitution, reusing the factor."""
+        jd = jax.jvp(self.rows_of, (self.flat,), (dflat,))[1]
+        du = jax.vmap(lambda bj, fj, v: _state_step(bj, fj, self.rows, v))(self.blocks, self.fac, self.r + jd)
+        return self.unravel(dflat), du[None]
+
+
+def _reduced(params, spec, x, y, Z, Lam, sigma, mu_z) -> _Reduced:
+    beta, sig_scalar, data = _setup(params, spec, x, y, Z, Lam, sigma)
+    flat, unravel, rows_of = _batched_rows(params, spec, data, beta, sig_scalar)
+    r, vjp = jax.vjp(rows_of, flat)
+    b, fac = _linearise(params, spec, data, beta, sig_scalar, mu_z)
+    return _Reduced(flat, unravel, rows_of, r, vjp, b, fac, _rows_layout(spec))
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "chunk"))
 def structured_step(params, spec: LayerSpec, x, y, Z, Lam, sigma, mu_w, mu_z, chunk=None):
     """Exact minimiser of ‖J d + ρ‖² + μ_w‖dθ‖² + μ_z‖dZ‖² (module docstring).
@@ -201,60 +236,24 @@ def structured_step(params, spec: LayerSpec, x, y, Z, Lam, sigma, mu_w, mu_z, ch
     batches of weight directions sized to the memory budget (`chunk`, if
     given, is the number of directions per batch).
     """
-    beta, sig_scalar, data = _setup(params, spec, x, y, Z, Lam, sigma)
-    rows = _rows_layout(spec)
-    flat, _, rows_of = _batched_rows(params, spec, data, beta, sig_scalar)
-    r, vjp = jax.vjp(rows_of, flat)
-    b, fac = _linearise(params, spec, data, beta, sig_scalar, mu_z)
-    project = _projector(b, fac, rows)
-
-    def column(v):
-        return vjp(project(jax.jvp(rows_of, (flat,), (v,))[1]))[0]
-
-    p = flat.size
-    batch = chunk if chunk is not None else max(1, min(p, _JAC_BUDGET // max(1, r.size)))
-    s_mat = jax.lax.map(column, jnp.eye(p, dtype=flat.dtype), batch_size=int(min(batch, p)))
-    g = vjp(project(r))[0]
-    dflat = -solve_spd(0.5 * (s_mat + s_mat.T), g, mu_w)
-    return _finish(params, spec, data, beta, sig_scalar, mu_z, rows, dflat)
-
-
-def _projector(b, fac, rows):
-    def project(e):
-        return jax.vmap(lambda bj, fj, ej: _project(bj, fj, rows, ej[:, None])[:, 0])(b, fac, e)
-
-    return project
-
-
-def _finish(params, spec, data, beta, sig_scalar, mu_z, rows, dflat):
-    """(dparams, dZ) from the weight step: the states' back-substitution."""
-    flat, unravel, rows_of = _batched_rows(params, spec, data, beta, sig_scalar)
-    r, jd = jax.jvp(rows_of, (flat,), (dflat,))
-    b, fac = _linearise(params, spec, data, beta, sig_scalar, mu_z)
-    du = jax.vmap(lambda bj, fj, v: _state_step(bj, fj, rows, v))(b, fac, r + jd)
-    return unravel(dflat), du[None]
+    red = _reduced(params, spec, x, y, Z, Lam, sigma, mu_z)
+    p = red.flat.size
+    batch = chunk if chunk is not None else max(1, min(p, _JAC_BUDGET // max(1, red.r.size)))
+    s_mat = jax.lax.map(red.s_times, jnp.eye(p, dtype=red.flat.dtype), batch_size=int(min(batch, p)))
+    g = red.vjp(red.project(red.r))[0]
+    return red.finish(-solve_spd(0.5 * (s_mat + s_mat.T), g, mu_w))
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "max_steps"))
 def matfree_step(params, spec: LayerSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=100):
     """Inexact minimiser by CG on the reduced system, S applied by jvp/vjp; returns (dparams, dZ, steps)."""
-    beta, sig_scalar, data = _setup(params, spec, x, y, Z, Lam, sigma)
-    rows = _rows_layout(spec)
-    flat, unravel, rows_of = _batched_rows(params, spec, data, beta, sig_scalar)
-    r, vjp = jax.vjp(rows_of, flat)
-    b, fac = _linearise(params, spec, data, beta, sig_scalar, mu_z)
-    project = _projector(b, fac, rows)
-
-    def s_apply(v):
-        return vjp(project(jax.jvp(rows_of, (flat,), (v,))[1]))[0] + mu_w * v
-
-    g = vjp(project(r))[0]
+    red = _reduced(params, spec, x, y, Z, Lam, sigma, mu_z)
+    g = red.vjp(red.project(red.r))[0]
     struct = jax.ShapeDtypeStruct(g.shape, g.dtype)
-    op = lx.FunctionLinearOperator(s_apply, struct, tags=lx.positive_semidefinite_tag)
+    op = lx.FunctionLinearOperator(lambda v: red.s_times(v) + mu_w * v, struct, tags=lx.positive_semidefinite_tag)
     sol = lx.linear_solve(op, -g, lx.CG(rtol=rtol, atol=0.0, max_steps=max_steps), throw=False)
-    jd = jax.jvp(rows_of, (flat,), (sol.value,))[1]
-    du = jax.vmap(lambda bj, fj, v: _state_step(bj, fj, rows, v))(b, fac, r + jd)
-    return unravel(sol.value), du[None], sol.stats["num_steps"]
+    dparams, dz = red.finish(sol.value)
+    return dparams, dz, sol.stats["num_steps"]
 
 
 def initial_damping(params, spec: LayerSpec, x, y, Z, Lam, sigma, tau=1e-3, probes=8):
