@@ -16,7 +16,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import alm_jax
-from alm_jax._linalg import matfree_step, structured_step
+from alm_jax import _lifted
+from alm_jax._linalg import _generic, matfree_step, structured_step
 from alm_jax._models import to_chain
 
 RTOL = 1e-10
@@ -45,13 +46,13 @@ def _f64(tree):
 
 
 def make_chain(kinds, n_in, n_out, seed):
-    """A list of layers from codes: ("lin", w) dense to width w, ("tanh",), ("res",), ("norm",),
+    """A list of layers from codes: ("lin", w) dense to width w (("linnb", w) without bias), ("tanh",), ("res",), ("norm",),
     ("pair", w) an (apply_fn, params) dense+softplus layer, ("mlp", w) an eqx.nn.MLP as one layer."""
     keys = iter(jax.random.split(jax.random.key(seed), 2 * len(kinds) + 2))
     layers, width = [], n_in
     for kind in kinds:
-        if kind[0] == "lin":
-            layers.append(eqx.nn.Linear(width, kind[1], key=next(keys)))
+        if kind[0] in ("lin", "linnb"):
+            layers.append(eqx.nn.Linear(width, kind[1], use_bias=kind[0] == "lin", key=next(keys)))
             width = kind[1]
         elif kind[0] == "tanh":
             layers.append(eqx.nn.Lambda(jnp.tanh))
@@ -113,7 +114,7 @@ CASES = [
     # chain, n_in, n_out, m, mu_w, mu_z, chunk, loss, marks
     ("lin-tanh-lin", 3, 1, 7, 1e-2, 1e-2, None, "squared", SLOW),
     ("widths-change", 2, 2, 6, 1e-3, 1e-6, None, "squared", ()),
-    ("residual", 3, 2, 8, 1e-2, 0.0, 3, "squared", ()),
+    ("residual", 3, 2, 8, 1e-2, 0.0, 3, "squared", SLOW),  # test_step_with_per_constraint_penalties covers it
     ("layernorm", 4, 1, 6, 1e-1, 1e-4, None, "squared", SLOW),
     ("mixed", 3, 2, 7, 1e-2, 1e-3, 2, "squared", ()),
     ("mixed", 2, 3, 6, 1e-2, 1e-2, None, "softmax_cross_entropy", ()),
@@ -147,6 +148,44 @@ def test_matfree_step_converges_to_exact():
         dp, dz, _ = matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, jnp.asarray(rtol), max_steps=500)
         errs.append(float(jnp.linalg.norm(ravel_pytree((dp, dz))[0] - exact) / jnp.linalg.norm(exact)))
     assert errs[-1] <= 1e-9 and errs[-1] < errs[0], errs
+
+
+@pytest.mark.parametrize("budget", [None, 2000])
+def test_step_with_per_constraint_penalties(budget, monkeypatch):
+    """σ one value per constraint (ω ≠ 1 in every row factor, also in the dense layers' Kronecker
+    blocks), a bias-free dense layer, and dense layers on both sides of a non-dense one: the exact
+    step equals a dense lstsq of the Jacobian of the internal weighted residual. A small work budget
+    makes the Kronecker sums run over sample chunks (here 2 chunks of 5 for m = 6, the second
+    padded) and the other weights' columns in batches of 16 directions."""
+    if budget is not None:
+        monkeypatch.setattr(_generic, "_JAC_BUDGET", budget)
+        jax.clear_caches()
+    chain, states, lams, x, y = make_problem([("linnb", 4), ("tanh",), ("res",), ("lin", 3), ("norm",)],
+                                             3, 2, 6, seed=5)
+    params, spec = to_chain(chain, x)
+    Z = jnp.concatenate(states, axis=-1)[None]
+    Lam = jnp.concatenate(lams, axis=-1)[None]
+    sigma = jnp.exp(jax.random.uniform(jax.random.key(9), Z.shape, jnp.float64, -2.0, 2.0))
+    mu_w, mu_z = 1e-2, 1e-3
+    flat, unravel = ravel_pytree((params, Z))
+    n_theta = ravel_pytree(params)[0].size
+    jac = jax.jacfwd(lambda v: _lifted.lifted_residual(*unravel(v), spec, x, y, Lam, sigma))(flat)
+    damp = jnp.concatenate([jnp.full(n_theta, mu_w), jnp.full(flat.size - n_theta, mu_z)])
+    a = jnp.concatenate([jac, jnp.diag(jnp.sqrt(damp))])
+    b = jnp.concatenate([-_lifted.lifted_residual(params, Z, spec, x, y, Lam, sigma), jnp.zeros_like(flat)])
+    ref = jnp.linalg.lstsq(a, b)[0]
+    got = ravel_pytree(structured_step(params, spec, x, y, Z, Lam, sigma, jnp.asarray(mu_w), jnp.asarray(mu_z)))[0]
+    assert float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)) <= RTOL
+
+
+def test_dense_layers_use_the_kronecker_assembly():
+    """Which weights get matrix-free columns: only those of the non-dense layers."""
+    chain, _, _, x, _ = make_problem([("linnb", 4), ("tanh",), ("res",), ("lin", 3)], 3, 2, 5, seed=0)
+    params, spec = to_chain(chain, x)
+    dense = _generic._dense_layers(params, spec)
+    assert dense.layers == (0, 3, 4)
+    assert dense.other.size == 4 * 4 + 4  # the residual block's Linear(4, 4)
+    assert sorted(np.concatenate([dense.other, *dense.index])) == list(range(spec.n_weights))
 
 
 def test_forward_states_are_feasible_and_shaped():
