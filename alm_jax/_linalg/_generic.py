@@ -315,7 +315,7 @@ def _dense_gram(red: _Reduced, spec: LayerSpec, dense: _Dense, x, Z):
 
     def body(acc, blk):
         b, f, zt = blk
-        e = jax.vmap(left_factors)(b)  # zero-padded ztil silences the padded samples
+        e = jax.vmap(left_factors)(b)
         pe = jax.vmap(lambda bj, fj, ej: _project(bj, fj, rows, ej))(b, f, e)
         m_mat = jnp.einsum("jrp,jrq->jpq", e, pe)
         out = []
@@ -325,7 +325,8 @@ def _dense_gram(red: _Reduced, spec: LayerSpec, dense: _Dense, x, Z):
             out.append(s_ij + kr.T @ mij)  # ((k, l), (o, p))
         return tuple(out), None
 
-    init = tuple(jnp.zeros((ins[i] * ins[j], widths[i] * widths[j]), x.dtype) for i, j in pairs)
+    init = tuple(jnp.zeros((ins[i] * ins[j], widths[i] * widths[j]), red.flat.dtype) for i, j in pairs)
+    # Padded samples get finite copies of the last sample's factors and zero inputs z̃, so they add nothing.
     xs = (jax.tree_util.tree_map(lambda a: chunked(a, False), (red.blocks, red.fac)),
           [chunked(z, True) for z in ztil])
     sums, _ = jax.lax.scan(body, init, (xs[0][0], xs[0][1], xs[1]))
