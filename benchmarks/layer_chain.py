@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from uci_suite import Residual  # noqa: E402  (sets XLA_FLAGS before jax is imported)
 
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
@@ -25,13 +29,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import alm_jax  # noqa: E402
-
-
-class Residual(eqx.Module):
-    lin: eqx.nn.Linear
-
-    def __call__(self, z, *, key=None):
-        return z + jnp.tanh(self.lin(z))
 
 
 def main(argv=None):

@@ -43,10 +43,10 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 from jax.flatten_util import ravel_pytree
-from jax.scipy.linalg import solve_triangular
 
 from .._layers import LayerSpec, sample_constraints, sample_output, split_states
 from .._lifted import penalty_split
+from ._blocktri import _tri_inv
 from ._schur import solve_spd
 
 # Elements of the residual-sized work arrays of one batch of weight directions (~256 MiB in float64).
@@ -56,7 +56,6 @@ _JAC_BUDGET = 1 << 25
 class Blocks(NamedTuple):
     """One sample's linearisation (vmapped: every leaf gains a leading sample axis)."""
 
-    r: jnp.ndarray  # (R,) ρ, rows [output ; c_0 ; … ; c_{N−1}]
     omega: list  # ω_a, (n_{a+1},)
     a_mat: list  # A_1 … A_{N−1}
     c_mat: jnp.ndarray  # (n_y, n_N)
@@ -96,12 +95,7 @@ def _sample_blocks(params, spec: LayerSpec, x, u, y, lam, sig, beta, sig_scalar)
     last = spec.layer(params, spec.depth)
     l_out = spec.loss.factor(last(zs[-1]), y)[1] / jnp.sqrt(beta)
     c_mat = l_out @ jax.jacfwd(last)(zs[-1])
-    r = _sample_rows(params, spec, x, u, y, lam, sig, beta, sig_scalar)
-    return Blocks(r, _weights(sig, spec, beta, sig_scalar), a_mat, c_mat, l_out)
-
-
-def _tri_inv(chol):
-    return solve_triangular(chol, jnp.eye(chol.shape[-1], dtype=chol.dtype), lower=True)
+    return Blocks(_weights(sig, spec, beta, sig_scalar), a_mat, c_mat, l_out)
 
 
 def _factor(b: Blocks, mu_z) -> Factor:
@@ -112,8 +106,8 @@ def _factor(b: Blocks, mu_z) -> Factor:
         w2 = b.omega[i] ** 2
         d = jnp.diag(w2 + mu_z)
         if i + 1 < n:
-            a = b.a_mat[i]  # A_{i+1}
-            d = d + a.T @ (b.omega[i + 1][:, None] ** 2 * a)
+            upper = b.a_mat[i].T * b.omega[i + 1][None, :] ** 2  # −H[i, i+1] = A_{i+1}ᵀ diag(ω_{i+1}²)
+            d = d + upper @ b.a_mat[i]
         else:
             d = d + b.c_mat.T @ b.c_mat
         if corr is not None:
@@ -121,7 +115,7 @@ def _factor(b: Blocks, mu_z) -> Factor:
         li = _tri_inv(jnp.linalg.cholesky(d))
         linv.append(li)
         if i + 1 < n:
-            k = -li @ (b.a_mat[i].T * b.omega[i + 1][None, :] ** 2)
+            k = -li @ upper
             ks.append(k)
             corr = k.T @ k
     return Factor(linv, ks)
@@ -220,6 +214,10 @@ class _Reduced(NamedTuple):
         e = e[..., None] if vec else e
         out = jax.vmap(lambda bj, fj, ej: _project(bj, fj, self.rows, ej))(self.blocks, self.fac, e)
         return out[..., 0] if vec else out
+
+    def gradient(self):
+        """J_θᵀ P ρ, the reduced system's right-hand side (negated)."""
+        return self.vjp(self.project(self.r))[0]
 
     def s_times(self, v):
         """J_θᵀ P J_θ v."""
@@ -371,7 +369,7 @@ def structured_step(params, spec: LayerSpec, x, y, Z, Lam, sigma, mu_w, mu_z, ch
     """
     red = _reduced(params, spec, x, y, Z, Lam, sigma, mu_z)
     s_mat = _assemble(red, spec, params, x, Z, chunk)
-    g = red.vjp(red.project(red.r))[0]
+    g = red.gradient()
     return red.finish(-solve_spd(0.5 * (s_mat + s_mat.T), g, mu_w))
 
 
@@ -379,7 +377,7 @@ def structured_step(params, spec: LayerSpec, x, y, Z, Lam, sigma, mu_w, mu_z, ch
 def matfree_step(params, spec: LayerSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=100):
     """Inexact minimiser by CG on the reduced system, S applied by jvp/vjp; returns (dparams, dZ, steps)."""
     red = _reduced(params, spec, x, y, Z, Lam, sigma, mu_z)
-    g = red.vjp(red.project(red.r))[0]
+    g = red.gradient()
     struct = jax.ShapeDtypeStruct(g.shape, g.dtype)
     op = lx.FunctionLinearOperator(lambda v: red.s_times(v) + mu_w * v, struct, tags=lx.positive_semidefinite_tag)
     sol = lx.linear_solve(op, -g, lx.CG(rtol=rtol, atol=0.0, max_steps=max_steps), throw=False)
