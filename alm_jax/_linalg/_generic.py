@@ -47,6 +47,7 @@ from jax.flatten_util import ravel_pytree
 from .._layers import LayerSpec, sample_constraints, sample_output, split_states
 from .._lifted import penalty_split
 from ._blocktri import _tri_inv
+from ._matfree import cg_solver
 from ._schur import solve_spd
 
 # Elements of the residual-sized work arrays of one batch of weight directions (~256 MiB in float64).
@@ -380,7 +381,7 @@ def matfree_step(params, spec: LayerSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol,
     g = red.gradient()
     struct = jax.ShapeDtypeStruct(g.shape, g.dtype)
     op = lx.FunctionLinearOperator(lambda v: red.s_times(v) + mu_w * v, struct, tags=lx.positive_semidefinite_tag)
-    sol = lx.linear_solve(op, -g, lx.CG(rtol=rtol, atol=0.0, max_steps=max_steps), throw=False)
+    sol = lx.linear_solve(op, -g, cg_solver(rtol, max_steps), throw=False)
     dparams, dz = red.finish(sol.value)
     return dparams, dz, sol.stats["num_steps"]
 
