@@ -6,7 +6,8 @@ accounting as the peers there), so its numbers compare directly with the
 suite's. Factors (issue 3): penalty/tolerance policy, penalty cap and initial
 penalty, inner step cap, damping of the states relative to the weights
 (down to 0: the lifted-Newton/condensing step), the damping carried across
-outer steps as is or rescaled by the penalty's growth, multiplier safeguarding.
+outer steps as is or rescaled by the penalty's growth, multiplier safeguarding,
+and the CG solve's cap and tolerance (inner `cg`).
 
     python benchmarks/ablation.py                       # 4 small sets, 2 splits, 10 s
     python benchmarks/ablation.py --datasets yacht --splits 1 --only base cap
@@ -56,6 +57,11 @@ GROUPS = {
         "ratio=1": _with(state_damping_ratio=1.0),
         "ratio=1e-2": _with(state_damping_ratio=1e-2),
         "ratio=0": _with(state_damping_ratio=0.0),
+    },
+    "cg": {
+        "max_cg_steps=10": _with(max_cg_steps=10),
+        "max_cg_steps=100": _with(max_cg_steps=100),
+        "cg_rtol=0.1": _with(rtol=0.1),
     },
     "damping_warm_start": {
         "rescale_damping": _with(rescale_damping=True),
