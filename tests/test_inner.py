@@ -150,6 +150,7 @@ def test_lm_auto_matches_cholesky_on_small_problem():
         ({"inner": "adam", "state_damping_ratio": 0.1}, TypeError, "state_damping_ratio"),
         ({"inner": "lm", "linear_solver": "qr"}, ValueError, "linear_solver"),
         ({"inner": "cg", "rtol": -1.0}, ValueError, "rtol"),
+        ({"max_loss_gap": -1.0}, ValueError, "max_loss_gap"),
         ({"inner": "gn", "armijo": 0.7}, ValueError, "armijo"),
     ],
 )

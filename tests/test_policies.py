@@ -103,3 +103,30 @@ def test_no_penalty_growth_once_feasible(name):
     pol = policies.get_policy(name)
     states, _ = run(pol, 5.0, [1e-13, 1e-12, 1e-11])
     assert len({float(s.sigma) for s in states}) == 1
+
+
+@pytest.mark.parametrize(
+    "sigma_new, sigma_old, fwd, lifted, expect",
+    [
+        (1e3, 1e3, 3.0, 1.0, 1e4),  # forward loss 3× the lifted: past the cap
+        (1e3, 1e3, 1.9, 1.0, 1e3),  # within (1 + 1)×: the policy's σ
+        (1e4, 1e2, 5.0, 1.0, 1e4),  # the policy already grew σ further
+        (1e12, 1e12, 5.0, 1.0, 1e12),  # the ceiling
+        (1e3, 1e3, 0.0, 0.0, 1e3),  # both zero (an interpolating fit)
+    ],
+)
+def test_forward_loss_safeguard(sigma_new, sigma_old, fwd, lifted, expect):
+    """σ grows 10× past a policy's cap when the forward pass's loss exceeds
+    (1 + κ)·the lifted loss (κ = 1), and only then."""
+    from alm_jax._alm import safeguard_penalty
+
+    got = safeguard_penalty(jnp.asarray(sigma_new), jnp.asarray(sigma_old), jnp.asarray(fwd), jnp.asarray(lifted), 1.0)
+    assert float(got) == expect
+
+
+def test_forward_loss_safeguard_per_constraint():
+    from alm_jax._alm import safeguard_penalty
+
+    old = jnp.asarray([1.0, 1e3, 1e12])
+    got = safeguard_penalty(old, old, jnp.asarray(3.0), jnp.asarray(1.0), 1.0)
+    np.testing.assert_array_equal(got, [10.0, 1e4, 1e12])

@@ -136,3 +136,25 @@ def test_fit_accepts_scan_mlp_and_returns_same_structure(yacht):
     res = alm_jax.fit(model, yacht.x_train[:60], yacht.y_train[:60], max_steps=5, progress=False)
     assert jax.tree_util.tree_structure(res.model) == jax.tree_util.tree_structure(model)
     assert res.history.mse[-1] < res.history.mse[0]
+
+
+@pytest.mark.parametrize("gap, expect", [(1.0, 1e4), (None, 1e3)])
+def test_forward_loss_safeguard_raises_capped_penalty(yacht, gap, expect):
+    """States that fit y while the forward pass does not: at the end of the
+    subproblem the safeguard lifts σ past the policy's cap (1e3 → 1e4);
+    with `max_loss_gap=None` the cap holds. The inner solver keeps the
+    iterate, so only the outer logic acts."""
+    x, y = jnp.asarray(yacht.x_train[:64]), jnp.asarray(yacht.y_train[:64])
+    model = eqx.nn.MLP(6, 1, 8, 2, activation=jnp.tanh, key=jax.random.key(0))
+    idle = alm_jax.inner.InnerSolver(
+        "idle", init=lambda p, z, pb: (), restart=lambda s, p, z, pb: s,
+        step=lambda p, z, s, pb: alm_jax.inner.InnerResult(p, z, s, jnp.asarray(True), jnp.asarray(jnp.nan)),
+        default_max_steps=1)
+    solver = alm_jax.alm(alm_jax.policies.bertsekas(beta0=1e3, beta_max=1e3), inner=idle, max_loss_gap=gap)
+    state = solver.init(model, x, y)
+    w = state.params.w_out[0]
+    out = alm_jax._lifted.output_stacked(state.params, state.spec, state.states)
+    state = eqx.tree_at(lambda s: s.states, state, state.states.at[-1].add((y - out) * w / (w @ w)))
+    state, info = jax.jit(solver.update)(state, x, y)
+    assert float(info.loss) > 0.1  # the forward pass is far off; the lifted loss is ≈ 0
+    assert float(state.policy.sigma) == expect
