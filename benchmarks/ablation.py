@@ -60,7 +60,7 @@ GROUPS = {
     },
     "cg": {
         "max_cg_steps=10": _with(max_cg_steps=10),
-        "max_cg_steps=100": _with(max_cg_steps=100),
+        "max_cg_steps=30": _with(max_cg_steps=30),
         "cg_rtol=0.1": _with(rtol=0.1),
     },
     "damping_warm_start": {

@@ -127,7 +127,9 @@ def _preconditioner(spec, factors, m, mu):
 def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=100, precondition=False):
     """Inexact minimiser of ‖J d + r‖² + μ_w‖dθ‖² + μ_z‖dZ‖² by CG on the reduced system.
 
-    CG stops when ‖S dθ + g‖∞ ≤ rtol·‖g‖∞ or after `max_steps` products.
+    CG stops by lineax's componentwise rule (every |(S dθ + g)_i| ≤ rtol·|g_i|
+    and every component of the last update within rtol of the iterate's) or
+    after `max_steps` products, which in practice usually ends it.
 
     Returns:
         (dparams, dZ, cg_steps).
