@@ -193,9 +193,9 @@ def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
     usually ends it. A cap of 30 trained ≈ 15 % lower in 10 s runs on the
     UCI sets but 5× higher in 30 s on yacht, where the last LM steps need
     accurate solves (benchmarks/RESULTS.md); the default keeps 100.
-    `precondition=True` adds per-layer
-    Kronecker factors; off by default, since it raised the CG iterations
-    2–6× on the UCI energy set (benchmarks/RESULTS.md).
+    `precondition=True` adds per-layer Kronecker factors; off by default,
+    since it raised the CG iterations 2–6× on the UCI energy set
+    (benchmarks/RESULTS.md).
     """
     _, max_steps = _check_common(state_damping_ratio, init_damping, None, max_steps)
     max_cg_steps = check_int("max_cg_steps", max_cg_steps)
