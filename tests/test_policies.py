@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from alm_jax import policies
+from alm_jax._alm import safeguard_penalty
 
 
 def h_with_norm(v, shape=(2, 3, 4)):
@@ -118,15 +119,11 @@ def test_no_penalty_growth_once_feasible(name):
 def test_forward_loss_safeguard(sigma_new, sigma_old, fwd, lifted, expect):
     """σ grows 10× past a policy's cap when the forward pass's loss exceeds
     (1 + κ)·the lifted loss (κ = 1), and only then."""
-    from alm_jax._alm import safeguard_penalty
-
     got = safeguard_penalty(jnp.asarray(sigma_new), jnp.asarray(sigma_old), jnp.asarray(fwd), jnp.asarray(lifted), 1.0)
     assert float(got) == expect
 
 
 def test_forward_loss_safeguard_per_constraint():
-    from alm_jax._alm import safeguard_penalty
-
     old = jnp.asarray([1.0, 1e3, 1e12])
     got = safeguard_penalty(old, old, jnp.asarray(3.0), jnp.asarray(1.0), 1.0)
     np.testing.assert_array_equal(got, [10.0, 1e4, 1e12])

@@ -166,6 +166,11 @@ def _project(b: Blocks, fac: Factor, rows, e):
     return e - _ju(b, _solve(fac, _jut(b, rows, e)))
 
 
+def _project_samples(blocks: Blocks, fac: Factor, rows, e):
+    """`_project` for every sample: blocks and factor batched over samples, e (m, R, q)."""
+    return jax.vmap(lambda bj, fj, ej: _project(bj, fj, rows, ej))(blocks, fac, e)
+
+
 def _state_step(b: Blocks, fac: Factor, rows, rhs):
     """−H⁻¹ J_uᵀ rhs for one sample, concatenated (D,)."""
     return -jnp.concatenate(_solve(fac, _jut(b, rows, rhs[:, None])))[:, 0]
@@ -210,11 +215,8 @@ class _Reduced(NamedTuple):
     rows: tuple
 
     def project(self, e):
-        """P e for every sample, e (m, R) or (m, R, q)."""
-        vec = e.ndim == 2
-        e = e[..., None] if vec else e
-        out = jax.vmap(lambda bj, fj, ej: _project(bj, fj, self.rows, ej))(self.blocks, self.fac, e)
-        return out[..., 0] if vec else out
+        """P e for every sample, e (m, R)."""
+        return _project_samples(self.blocks, self.fac, self.rows, e[..., None])[..., 0]
 
     def gradient(self):
         """J_θᵀ P ρ, the reduced system's right-hand side (negated)."""
@@ -315,7 +317,7 @@ def _dense_gram(red: _Reduced, spec: LayerSpec, dense: _Dense, x, Z):
     def body(acc, blk):
         b, f, zt = blk
         e = jax.vmap(left_factors)(b)
-        pe = jax.vmap(lambda bj, fj, ej: _project(bj, fj, rows, ej))(b, f, e)
+        pe = _project_samples(b, f, rows, e)
         m_mat = jnp.einsum("jrp,jrq->jpq", e, pe)
         out = []
         for (i, j), s_ij in zip(pairs, acc):
