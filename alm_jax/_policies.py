@@ -34,8 +34,12 @@ def _norm_inf(h):
 
 
 def _grown(grow, sigma, factor, cap):
-    """σ·factor (capped) where `grow`, σ elsewhere."""
-    return jnp.where(grow, jnp.minimum(factor * sigma, cap), sigma)
+    """σ·factor (capped) where `grow`, σ elsewhere; never below σ.
+
+    σ may already sit above the cap (the forward-loss safeguard raises it
+    past the cap); growing must not pull it back down.
+    """
+    return jnp.where(grow, jnp.maximum(sigma, jnp.minimum(factor * sigma, cap)), sigma)
 
 
 def _scalar(v, like):

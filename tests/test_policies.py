@@ -106,6 +106,19 @@ def test_no_penalty_growth_once_feasible(name):
     assert len({float(s.sigma) for s in states}) == 1
 
 
+@pytest.mark.parametrize("policy", [policies.bertsekas(beta_max=1e3), policies.lancelot(beta_max=1e3),
+                                    policies.algencan(beta_max=1e3), policies.alpaqa(max_penalty=1e3)],
+                         ids=lambda p: p.name)
+def test_growth_never_lowers_a_penalty_above_the_cap(policy):
+    """σ raised past the cap (by the forward-loss safeguard) stays there when
+    the rule next asks to grow it; min(γσ, cap) alone would cut it to the cap."""
+    s = policy.init(jnp.asarray(5.0), jnp.zeros((2, 3, 4)))
+    s = s._replace(sigma=jnp.full_like(s.sigma, 1e4))
+    for _ in range(2):  # ‖h‖ = 1 twice: every rule grows σ by the second call
+        s, _ = policy.update(s, jnp.asarray(5.0), h_with_norm(1.0))
+    np.testing.assert_array_equal(s.sigma, 1e4)
+
+
 @pytest.mark.parametrize(
     "sigma_new, sigma_old, fwd, lifted, expect",
     [
