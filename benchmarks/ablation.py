@@ -62,6 +62,9 @@ GROUPS = {
         "max_cg_steps=10": _with(max_cg_steps=10),
         "max_cg_steps=30": _with(max_cg_steps=30),
         "cg_rtol=0.1": _with(rtol=0.1),
+        "forcing_max=0.5": _with(forcing_max=0.5),
+        "forcing_max=0.03": _with(forcing_max=0.03),
+        "precondition": _with(precondition=True),
     },
     "damping_warm_start": {
         "rescale_damping": _with(rescale_damping=True),

@@ -5,6 +5,7 @@ import dataclasses
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import lineax as lx
 import numpy as np
 import pytest
 
@@ -14,7 +15,7 @@ from alm_jax._chain import mlp_to_chain
 from alm_jax._lifted import augmented_lagrangian_stacked
 from alm_jax._linalg import _blocktri, matfree_step, structured_step
 from alm_jax._linalg._linearise import linearise
-from alm_jax._linalg._matfree import apply_ju
+from alm_jax._linalg._matfree import apply_ju, cg_solver
 
 from _problems import make_problem
 
@@ -107,6 +108,25 @@ def test_cg_step_converges_to_exact_step(shape, precondition):
     assert errs[2] < 1e-10
 
 
+@pytest.mark.parametrize("rtol", [1e-1, 1e-3, 1e-6])
+def test_cg_stops_on_the_norm_wise_residual(rtol):
+    """With b_0 = 0, lineax's componentwise test (|r_i| ≤ rtol·|b_i|) is never
+    met and CG runs to its cap; `cg_solver`'s test stops well before it, with
+    rms(r) ≤ rtol·(rms(b) + max|b|), the bound its scale implies (SPD, P = 60,
+    condition number 1e3: the recursive and true residuals agree to ≈1e-13)."""
+    n, cap = 60, 500
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    op = lx.MatrixLinearOperator(jnp.asarray(q @ np.diag(np.logspace(0, 3, n)) @ q.T), lx.positive_semidefinite_tag)
+    b = jnp.asarray(rng.standard_normal(n)).at[0].set(0.0)
+    sol = lx.linear_solve(op, b, cg_solver(rtol, cap, b), throw=False)
+    rms = lambda v: float(jnp.sqrt(jnp.mean(v * v)))  # noqa: E731
+    assert int(sol.stats["num_steps"]) < 2 * n
+    assert rms(op.mv(sol.value) - b) <= rtol * (rms(b) + float(jnp.max(jnp.abs(b))))
+    componentwise = lx.CG(rtol=rtol, atol=0.0, max_steps=cap, stabilise_every=None)
+    assert int(lx.linear_solve(op, b, componentwise, throw=False).stats["num_steps"]) == cap
+
+
 def test_apply_ju_is_adjoint_of_apply_jut():
     params, spec, Z, p = _subproblem(depth=3, width=4, n_out=2)
     lin = linearise(params, spec, p.x, p.y, Z, p.multipliers, p.sigma)
@@ -150,6 +170,7 @@ def test_lm_auto_matches_cholesky_on_small_problem():
         ({"inner": "adam", "state_damping_ratio": 0.1}, TypeError, "state_damping_ratio"),
         ({"inner": "lm", "linear_solver": "qr"}, ValueError, "linear_solver"),
         ({"inner": "cg", "rtol": -1.0}, ValueError, "rtol"),
+        ({"inner": "cg", "forcing_max": 0.0}, ValueError, "forcing_max"),
         ({"max_loss_gap": -1.0}, ValueError, "max_loss_gap"),
         ({"inner": "gn", "armijo": 0.7}, ValueError, "armijo"),
     ],

@@ -14,8 +14,8 @@ objective is rejected like any failed step.
 The step solves the damped linear least-squares problem either exactly
 (Cholesky of the reduced weight system, `_schur`) or inexactly by CG on it
 (`_matfree`, truncated Gauss–Newton) with the forcing term
-η = min(η_max, √‖∇f‖) of Dembo, Eisenstat & Steihaug; `auto` picks CG when
-the reduced system would not fit in memory.
+η = min(η_max, √‖∇f‖), η_max = 0.1, of Dembo, Eisenstat & Steihaug; `auto`
+picks CG when the reduced system would not fit in memory.
 
 References:
     H. B. Nielsen, "Damping parameter in Marquardt's method", IMM-REP-1999-05;
@@ -51,7 +51,7 @@ class LMOptions(NamedTuple):
     chunk_size: int | None = None
     linear_solver: str = "cholesky"
     cg_rtol: float | None = None  # None: the forcing term min(cg_forcing_max, √‖∇f‖)
-    cg_forcing_max: float = 0.5
+    cg_forcing_max: float = 0.1
     cg_max_steps: int = 100
     precondition: bool = False
 
@@ -182,25 +182,24 @@ def lm(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
 
 
 def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, rtol: float | None = None,
-       max_cg_steps: int = 100, precondition: bool = False, max_steps: int = 3,
+       forcing_max: float = 0.1, max_cg_steps: int = 100, precondition: bool = False, max_steps: int = 3,
        rescale_damping: bool = False) -> InnerSolver:
     """Truncated Gauss–Newton: LM with CG on the reduced weight system, matrix free.
 
     Memory O(#weights + m·depth·width²): S is never formed. CG stops at
-    relative residual `rtol` (lineax's rule, componentwise: every residual
-    component within rtol of the right-hand side's), by default the forcing
-    term min(0.5, √‖∇f‖), or after `max_cg_steps` products, which is what
-    usually ends it. A cap of 30 trained ≈ 15 % lower in 10 s runs on the
-    UCI sets but 5× higher in 30 s on yacht, where the last LM steps need
-    accurate solves (benchmarks/RESULTS.md); the default keeps 100.
+    relative residual `rtol` (norm-wise; see `_matfree.cg_solver`), by
+    default the forcing term min(forcing_max, √‖∇f‖), or after
+    `max_cg_steps` products. A forcing cap of 0.5 lost 1.5× on UCI kin8nm
+    at 10 s; 0.03 to 0.2 trained alike (benchmarks/RESULTS.md).
     `precondition=True` adds per-layer Kronecker factors; off by default,
     since it raised the CG iterations 2–6× on the UCI energy set
-    (benchmarks/RESULTS.md).
+    (benchmarks/RESULTS.md). The other options are `lm`'s.
     """
     _, max_steps = _check_common(state_damping_ratio, init_damping, None, max_steps)
     max_cg_steps = check_int("max_cg_steps", max_cg_steps)
     if rtol is not None:
         check_positive("rtol", rtol)
+    check_positive("forcing_max", forcing_max)
     opts = LMOptions(state_damping_ratio=state_damping_ratio, linear_solver="cg", cg_rtol=rtol,
-                     cg_max_steps=max_cg_steps, precondition=bool(precondition))
+                     cg_forcing_max=forcing_max, cg_max_steps=max_cg_steps, precondition=bool(precondition))
     return _lm_solver("cg", opts, init_damping, max_steps, bool(rescale_damping))

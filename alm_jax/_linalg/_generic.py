@@ -383,7 +383,7 @@ def matfree_step(params, spec: LayerSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol,
     g = red.gradient()
     struct = jax.ShapeDtypeStruct(g.shape, g.dtype)
     op = lx.FunctionLinearOperator(lambda v: red.s_times(v) + mu_w * v, struct, tags=lx.positive_semidefinite_tag)
-    sol = lx.linear_solve(op, -g, cg_solver(rtol, max_steps), throw=False)
+    sol = lx.linear_solve(op, -g, cg_solver(rtol, max_steps, g), throw=False)
     dparams, dz = red.finish(sol.value)
     return dparams, dz, sol.stats["num_steps"]
 

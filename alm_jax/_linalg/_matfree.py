@@ -38,8 +38,17 @@ _EXPLICIT_FRACTION_ACCEL = 0.25
 _PROBES = 4
 
 
-def cg_solver(rtol, max_steps) -> lx.CG:
-    """lineax CG on a reduced weight system.
+def cg_solver(rtol, max_steps, rhs) -> lx.CG:
+    """lineax CG on a reduced weight system S d = rhs, stopped by a norm-wise test.
+
+    lineax's own test is componentwise (|r_i| ≤ rtol·|b_i| for every i), which
+    a component with b_i ≈ 0 never passes, so CG ran to its cap whatever the
+    forcing term. Here the scale is atol = rtol·rms(b) added to rtol·|b_i|
+    under the RMS norm, so CG stops once rms(r / (rtol·(rms(b) + |b|))) ≤ 1:
+    whenever ‖r‖ ≤ rtol‖b‖, and never with rms(r) > rtol·(rms(b) + max|b|)
+    (the same test, with the iterate's scale, on CG's last update). On the
+    UCI sets at 10 s this trained 0.73× as low as the componentwise test
+    (geometric mean; benchmarks/RESULTS.md).
 
     No periodic recomputation of the true residual (`stabilise_every=None`):
     lineax takes that choice by a `lax.cond` inside the loop, and on XLA:CPU
@@ -47,7 +56,13 @@ def cg_solver(rtol, max_steps) -> lx.CG:
     P = 501), whether or not the expensive branch ran. A drifted residual
     can only end CG early or late; the LM gain ratio still judges the step.
     """
-    return lx.CG(rtol=rtol, atol=0.0, max_steps=max_steps, stabilise_every=None)
+    atol = rtol * _rms(rhs)
+    return lx.CG(rtol=rtol, atol=atol, norm=_rms, max_steps=max_steps, stabilise_every=None)
+
+
+def _rms(tree):
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.abs(leaf) ** 2) for leaf in leaves) / sum(leaf.size for leaf in leaves))
 
 
 def explicit_fits(spec: ChainSpec) -> bool:
@@ -127,9 +142,8 @@ def _preconditioner(spec, factors, m, mu):
 def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=100, precondition=False):
     """Inexact minimiser of ‖J d + r‖² + μ_w‖dθ‖² + μ_z‖dZ‖² by CG on the reduced system.
 
-    CG stops by lineax's componentwise rule (every |(S dθ + g)_i| ≤ rtol·|g_i|
-    and every component of the last update within rtol of the iterate's) or
-    after `max_steps` products, which in practice usually ends it.
+    CG stops at relative residual ≈ rtol (the norm-wise test of `cg_solver`)
+    or after `max_steps` products.
 
     Returns:
         (dparams, dZ, cg_steps).
@@ -153,7 +167,7 @@ def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol,
         factors = _layer_factors(spec, lin, fac, elim, jax.random.key(0))
         pre = _preconditioner(spec, factors, m, mu_w)
         options["preconditioner"] = lx.FunctionLinearOperator(pre, struct, tags=lx.positive_semidefinite_tag)
-    solver = cg_solver(rtol, max_steps)
+    solver = cg_solver(rtol, max_steps, g)
     sol = lx.linear_solve(op, -g, solver, options=options, throw=False)
     dparams = unflatten_weights(sol.value, spec)
 
