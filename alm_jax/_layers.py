@@ -181,17 +181,21 @@ def sample_output(params, spec: LayerSpec, u):
     return _apply(spec, params, spec.depth, split_states(spec, u)[-1])
 
 
-def forward_states(params, spec: LayerSpec, x):
-    """States of the forward pass, (1, m, D)."""
+def forward_states(params, spec: LayerSpec, x, defects=None):
+    """States of the forward pass, (1, m, D); with `defects` (1, m, D), z_{a+1} = f_a(z_a) + c_a."""
 
-    def one(xj):
+    def one(xj, cj):
         zs, z = [], xj
+        cs = None if cj is None else split_states(spec, cj)
         for a in range(spec.depth):
             z = _apply(spec, params, a, z)
+            z = z if cs is None else z + cs[a]
             zs.append(z)
         return jnp.concatenate(zs)
 
-    return jax.vmap(one)(x)[None]
+    if defects is None:
+        return jax.vmap(lambda xj: one(xj, None))(x)[None]
+    return jax.vmap(one)(x, defects[0])[None]
 
 
 def constraints(params, spec: LayerSpec, x, Z):

@@ -34,18 +34,26 @@ def _affine(z, w, b):
     return s if b is None else s + b
 
 
-def forward_states_stacked(params: DenseParams, spec: ChainSpec, x):
-    """Hidden states of the forward pass, stacked as (N, m, width) ((1, m, D) for a `LayerSpec`)."""
-    if isinstance(spec, LayerSpec):
-        return _layers.forward_states(params, spec, x)
-    z1 = spec.act(_affine(x, params.w_in, params.b_in))
+def forward_states_stacked(params: DenseParams, spec: ChainSpec, x, defects=None):
+    """Hidden states of the forward pass, stacked as (N, m, width) ((1, m, D) for a `LayerSpec`).
 
-    def layer(z, wb):
-        w, b = wb
-        z = spec.act(_affine(z, w, b))
+    With `defects` c (shaped like the states), the states rolled out so that
+    their constraints equal c: z_{a+1} = φ(W_a z_a + b_a) + c_a.
+    """
+    if isinstance(spec, LayerSpec):
+        return _layers.forward_states(params, spec, x, defects)
+
+    def plus(z, c):
+        return z if c is None else z + c
+
+    z1 = plus(spec.act(_affine(x, params.w_in, params.b_in)), None if defects is None else defects[0])
+
+    def layer(z, wbc):
+        w, b, c = wbc
+        z = plus(spec.act(_affine(z, w, b)), c)
         return z, z
 
-    _, rest = jax.lax.scan(layer, z1, (params.w_hid, params.b_hid))
+    _, rest = jax.lax.scan(layer, z1, (params.w_hid, params.b_hid, None if defects is None else defects[1:]))
     return jnp.concatenate([z1[None], rest], axis=0)
 
 

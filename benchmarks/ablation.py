@@ -66,6 +66,9 @@ GROUPS = {
         "forcing_max=0.03": _with(forcing_max=0.03),
         "precondition": _with(precondition=True),
     },
+    "rollout": {
+        "no rollout": _with(rollout=False),
+    },
     "damping_warm_start": {
         "rescale_damping": _with(rescale_damping=True),
     },

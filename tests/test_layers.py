@@ -188,6 +188,16 @@ def test_dense_layers_use_the_kronecker_assembly():
     assert sorted(np.concatenate([dense.other, *dense.index])) == list(range(spec.n_weights))
 
 
+@pytest.mark.parametrize("name", ["widths-change", "mixed"])
+def test_rollout_states_meet_the_given_defects(name):
+    chain, states, _, x, _ = make_problem(CHAINS[name], 3, 2, 5, seed=4)
+    params, spec = to_chain(chain, x)
+    Z = _lifted.forward_states_stacked(params, spec, x)
+    c = 0.1 * jax.random.normal(jax.random.key(5), Z.shape, jnp.float64)
+    rolled = _lifted.forward_states_stacked(params, spec, x, defects=c)
+    np.testing.assert_allclose(_lifted.constraints_stacked(params, spec, x, rolled), c, rtol=0, atol=1e-14)
+
+
 def test_forward_states_are_feasible_and_shaped():
     chain, _, _, x, _ = make_problem(CHAINS["widths-change"], 2, 2, 5, seed=0)
     states = alm_jax.forward_states(chain, x)

@@ -19,10 +19,13 @@ SCRIPT = textwrap.dedent(
     x, y = jnp.asarray(data.x_train[:256]), jnp.asarray(data.y_train[:256])
     model = eqx.nn.MLP(6, 1, 8, 3, activation=jnp.tanh, key=jax.random.key(0))
     # Exact step: only the order of the sums over samples differs, so the
-    # iterates agree to 1e-12. CG (the default inner solver) may stop after a
-    # different number of iterations when round-off moves a residual across
-    # its tolerance; 1e-9 bounds that over 6 iterations.
-    for policy, inner, tol in [("bertsekas", "lm", 1e-12), ("alpaqa", "lm", 1e-12), ("bertsekas", "cg", 1e-9)]:
+    # iterates agree to round-off: measured ≤ 3e-13 (weights, relative) and
+    # 1.8e-12 (states, with alpaqa's per-constraint penalties, whose rolled-out
+    # trial states carry the weights' round-off through 3 layers); 1e-11 bounds
+    # both. CG (the default inner solver) may stop after a different number
+    # of iterations when round-off moves a residual across its tolerance;
+    # 1e-9 bounds that over 6 iterations.
+    for policy, inner, tol in [("bertsekas", "lm", 1e-11), ("alpaqa", "lm", 1e-11), ("bertsekas", "cg", 1e-9)]:
         solver = alm_jax.alm(policy=policy, inner=inner, max_inner_steps=2)
         update = jax.jit(solver.update)
         one = solver.init(model, x, y)
