@@ -15,7 +15,7 @@ from alm_jax._chain import mlp_to_chain
 from alm_jax._lifted import augmented_lagrangian_stacked
 from alm_jax._linalg import _blocktri, matfree_step, structured_step
 from alm_jax._linalg._linearise import linearise
-from alm_jax._inner._lm import LMOptions, lm_iteration
+from alm_jax._inner._lm import LMOptions, damped_step, lm_iteration
 from alm_jax._linalg._matfree import apply_ju, cg_solver
 
 from _problems import make_problem
@@ -143,6 +143,22 @@ def test_rollout_trial_point_is_never_worse(shape):
                                             jnp.asarray(2.0), opts).objective) for mu in (1.0, 1e-1)]
     assert all(a <= b for a, b in zip(objs[True], objs[False]))
     assert objs[True][1] < objs[False][1] * (1 - 1e-3)
+
+
+def test_cg_preconditions_an_mlp_by_default():
+    """precondition=None (the `cg` default) is the Kronecker preconditioner for
+    an MLP: the truncated step (rtol 1e-2) equals precondition=True's bit for
+    bit and differs from the unpreconditioned one."""
+    params, spec, Z, p = _subproblem(**SHAPES["depth3"])
+
+    def step(pre):
+        opts = LMOptions(linear_solver="cg", cg_rtol=1e-2, precondition=pre)
+        dp, dz = damped_step(params, Z, spec, p.x, p.y, p.multipliers, p.sigma, 1e-2, 1e-8, opts, jnp.asarray(1.0))
+        return jnp.concatenate([v.ravel() for v in jax.tree_util.tree_leaves((dp, dz))])
+
+    auto, on, off = step(None), step(True), step(False)
+    np.testing.assert_array_equal(auto, on)
+    assert float(jnp.linalg.norm(on - off)) > 1e-6 * float(jnp.linalg.norm(off))
 
 
 def test_apply_ju_is_adjoint_of_apply_jut():

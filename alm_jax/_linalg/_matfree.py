@@ -10,8 +10,8 @@ the sample axis) and H⁻¹ reuses the per-sample block factor. One product cost
 about two passes over the data; memory is O(P + m·N·n²), whatever P² is.
 The states then follow by the same back-substitution as in the exact step.
 
-CG (lineax) can be preconditioned (`precondition=True`; off by default, as
-it slowed CG down on the problems measured) by per-layer Kronecker factors
+CG (lineax) can be preconditioned (`precondition=True`, the inner `cg`'s
+default for an MLP) by per-layer Kronecker factors
 (K-FAC style, Martens & Grosse 2015): layer a's diagonal block Σ_j (z̃z̃ᵀ) ⊗ (c P_j[a,a] c) is
 approximated by m·(A_a ⊗ G_a), A_a the mean of z̃z̃ᵀ and G_a a few-probe
 estimate of the mean of c P[a,a] c, inverted exactly through the eigenvectors
