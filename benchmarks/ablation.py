@@ -64,7 +64,7 @@ GROUPS = {
         "cg_rtol=0.1": _with(rtol=0.1),
         "forcing_max=0.5": _with(forcing_max=0.5),
         "forcing_max=0.03": _with(forcing_max=0.03),
-        "precondition": _with(precondition=True),
+        "no preconditioner": _with(precondition=False),
     },
     "rollout": {
         "no rollout": _with(rollout=False),
