@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 import alm_jax
+from alm_jax._chain import mlp_to_chain
+from alm_jax._lifted import constraints_stacked, forward_states_stacked
 from _problems import make_problem
 
 
@@ -96,9 +98,6 @@ def test_forward_states_make_constraints_vanish():
 def test_rollout_states_meet_the_given_defects(depth):
     """forward_states_stacked(..., defects=c) gives states whose constraints are c
     (to round-off: float64, h recomputes each φ(W z) with its own summation order)."""
-    from alm_jax._chain import mlp_to_chain
-    from alm_jax._lifted import constraints_stacked, forward_states_stacked
-
     prob = make_problem(depth=depth, width=4, n_out=2, m=5, seed=depth)
     params, spec = mlp_to_chain(prob.model)
     c = 0.1 * jax.random.normal(jax.random.key(7), (depth, 5, 4), jnp.float64)
@@ -106,4 +105,3 @@ def test_rollout_states_meet_the_given_defects(depth):
     np.testing.assert_allclose(constraints_stacked(params, spec, prob.x, Z), c, rtol=0, atol=1e-14)
     np.testing.assert_array_equal(forward_states_stacked(params, spec, prob.x, defects=jnp.zeros_like(c)),
                                   forward_states_stacked(params, spec, prob.x))
-

@@ -103,11 +103,8 @@ def damped_step(params, Z, spec, x, y, Lam, sigma, mu_w, mu_z, opts: LMOptions, 
         rtol = jnp.minimum(opts.cg_forcing_max, jnp.sqrt(grad_norm))
     else:
         rtol = jnp.asarray(opts.cg_rtol, grad_norm.dtype)
-    precondition = opts.precondition
-    if precondition is None:  # Kronecker factors exist for dense chains only
-        precondition = not isinstance(spec, LayerSpec)
     dp, dz, _ = matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol,
-                             max_steps=opts.cg_max_steps, precondition=precondition)
+                             max_steps=opts.cg_max_steps, precondition=opts.precondition)
     return dp, dz
 
 

@@ -15,7 +15,13 @@ def structured_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, chunk=None):
 
 
 def matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=100, precondition=False):
-    """CG on the reduced weight system: `(dparams, dZ, cg_steps)`."""
+    """CG on the reduced weight system: `(dparams, dZ, cg_steps)`.
+
+    `precondition=None` takes the Kronecker preconditioner where the model has
+    its factors (an MLP's dense chain) and none for a general layer chain.
+    """
+    if precondition is None:
+        precondition = not isinstance(spec, LayerSpec)
     if isinstance(spec, LayerSpec):
         if precondition:
             raise ValueError("precondition: the Kronecker preconditioner needs an eqx.nn.MLP model.")
