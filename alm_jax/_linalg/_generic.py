@@ -46,6 +46,7 @@ from jax.flatten_util import ravel_pytree
 
 from .._layers import LayerSpec, sample_constraints, sample_output, split_states
 from .._lifted import penalty_split
+from . import _probes
 from ._blocktri import _tri_inv
 from ._matfree import cg_solver
 from ._schur import solve_spd
@@ -393,7 +394,7 @@ def initial_damping(params, spec: LayerSpec, x, y, Z, Lam, sigma, tau=1e-3, prob
     beta, sig_scalar, data = _setup(params, spec, x, y, Z, Lam, sigma)
     flat, _, rows_of = _batched_rows(params, spec, data, beta, sig_scalar)
     r, vjp = jax.vjp(rows_of, flat)
-    v = jax.random.rademacher(jax.random.key(0), (probes,) + r.shape, r.dtype)
+    v = _probes.rademacher((probes,) + r.shape, r.dtype)
     diag = jnp.mean(jax.vmap(lambda e: vjp(e)[0] ** 2)(v), axis=0)
     top = jnp.max(diag) if diag.size else jnp.zeros((), r.dtype)
     return tau * jnp.maximum(top, jnp.finfo(r.dtype).tiny)

@@ -13,9 +13,10 @@ The states then follow by the same back-substitution as in the exact step.
 CG (lineax) can be preconditioned (`precondition=True`, the inner `cg`'s
 default for an MLP) by per-layer Kronecker factors
 (K-FAC style, Martens & Grosse 2015): layer a's diagonal block Σ_j (z̃z̃ᵀ) ⊗ (c P_j[a,a] c) is
-approximated by m·(A_a ⊗ G_a), A_a the mean of z̃z̃ᵀ and G_a a few-probe
-estimate of the mean of c P[a,a] c, inverted exactly through the eigenvectors
-of A_a and G_a.
+approximated by m·(A_a ⊗ G_a), A_a the mean of z̃z̃ᵀ and G_a the mean of
+c P[a,a] c (exact for one hidden layer, `_onelayer.stage_output_grams`; a
+few-probe estimate for deeper chains), inverted exactly through the
+eigenvectors of A_a and G_a.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import lineax as lx
 import numpy as np
 
 from .._chain import ChainSpec
-from . import _blocktri
+from . import _blocktri, _onelayer, _probes
 from ._linearise import Linearisation, linearise
 from ._schur import back_substitute, elimination, layer_blocks, num_weights, unflatten_weights, weight_jvp, weight_vjp
 
@@ -87,7 +88,8 @@ def apply_ju(lin: Linearisation, u):
     out_h = lin.omega * u
     if u.shape[0] > 1:
         out_h = out_h.at[1:].add(-lin.s_hid * jnp.einsum("amk,aok->amo", u[:-1], lin.w_hid))
-    return out_h, jnp.einsum("mok,mk->mo", lin.c_mat, u[-1])
+    # C_j u = c_j (W_out u): a GEMM over the samples (see `_onelayer`).
+    return out_h, jnp.einsum("mab,mb->ma", lin.c_o, u[-1] @ lin.w_out.T)
 
 
 def _project(lin, fac, elim, e_h, e_o):
@@ -97,22 +99,32 @@ def _project(lin, fac, elim, e_h, e_o):
     return e_h - jh, e_o - jo
 
 
-def _layer_factors(spec, lin, fac, elim, key):
+def _layer_factors(spec, lin, fac, elim):
     """Eigen-decompositions of the Kronecker factors (A_a, G_a) of every layer block."""
     m = lin.r_o.shape[0]
-    e_h = jax.random.rademacher(key, (_PROBES,) + lin.r_h.shape, lin.r_h.dtype)
-    e_o = jax.random.rademacher(jax.random.fold_in(key, 1), (_PROBES,) + lin.r_o.shape, lin.r_o.dtype)
-    p_h, p_o = jax.vmap(lambda a, b: _project(lin, fac, elim, a, b))(e_h, e_o)
-    g_h = lin.c_h * p_h  # (q, N, m, n)
-    g_o = jnp.einsum("mab,qma->qmb", lin.c_o, p_o)  # (q, m, ny)
-    scale = 1.0 / (_PROBES * m)
-    gs = [jnp.einsum("qma,qmb->ab", g_h[:, 0], g_h[:, 0]) * scale,
-          jnp.einsum("qgma,qgmb->gab", g_h[:, 1:], g_h[:, 1:]) * scale,
-          jnp.einsum("qma,qmb->ab", g_o, g_o) * scale]
+    if spec.depth == 1:
+        g_in, g_out = _onelayer.stage_output_grams(lin, fac)
+        gs = [g_in, jnp.zeros((0,) + g_in.shape, g_in.dtype), g_out]
+    else:
+        gs = _probed_grams(lin, fac, elim)
     As = [lin.zt_in.T @ lin.zt_in / m,
           jnp.einsum("gmk,gml->gkl", lin.zt_hid, lin.zt_hid) / m,
           lin.zt_out.T @ lin.zt_out / m]
     return [(jnp.linalg.eigh(g), jnp.linalg.eigh(a)) for g, a in zip(gs, As)]
+
+
+def _probed_grams(lin, fac, elim):
+    """Means of c P[a,a] c per stage and c_oᵀ P_oo c_o, estimated with Rademacher probes e: E[(Pe)(Pe)ᵀ] = P²."""
+    m = lin.r_o.shape[0]
+    e_h = _probes.rademacher((_PROBES,) + lin.r_h.shape, lin.r_h.dtype, salt=0)
+    e_o = _probes.rademacher((_PROBES,) + lin.r_o.shape, lin.r_o.dtype, salt=1)
+    p_h, p_o = jax.vmap(lambda a, b: _project(lin, fac, elim, a, b))(e_h, e_o)
+    g_h = lin.c_h * p_h  # (q, N, m, n)
+    g_o = jnp.einsum("mab,qma->qmb", lin.c_o, p_o)  # (q, m, ny)
+    scale = 1.0 / (_PROBES * m)
+    return [jnp.einsum("qma,qmb->ab", g_h[:, 0], g_h[:, 0]) * scale,
+            jnp.einsum("qgma,qgmb->gab", g_h[:, 1:], g_h[:, 1:]) * scale,
+            jnp.einsum("qma,qmb->ab", g_o, g_o) * scale]
 
 
 def _kron_inverse(eig_g, eig_a, v, m, mu):
@@ -164,7 +176,7 @@ def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol,
     op = lx.FunctionLinearOperator(s_apply, struct, tags=lx.positive_semidefinite_tag)
     options = {}
     if precondition:
-        factors = _layer_factors(spec, lin, fac, elim, jax.random.key(0))
+        factors = _layer_factors(spec, lin, fac, elim)
         pre = _preconditioner(spec, factors, m, mu_w)
         options["preconditioner"] = lx.FunctionLinearOperator(pre, struct, tags=lx.positive_semidefinite_tag)
     solver = cg_solver(rtol, max_steps, g)
