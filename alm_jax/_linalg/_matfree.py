@@ -110,7 +110,13 @@ def _layer_factors(spec, lin, fac, elim):
     As = [lin.zt_in.T @ lin.zt_in / m,
           jnp.einsum("gmk,gml->gkl", lin.zt_hid, lin.zt_hid) / m,
           lin.zt_out.T @ lin.zt_out / m]
-    return [(jnp.linalg.eigh(g), jnp.linalg.eigh(a)) for g, a in zip(gs, As)]
+    return [(_eigh(g), _eigh(a)) for g, a in zip(gs, As)]
+
+
+def _eigh(a):
+    if a.shape[-1] == 1:  # one output: no LAPACK call to compile
+        return a[..., 0], jnp.ones_like(a)
+    return jnp.linalg.eigh(a)
 
 
 def _probed_grams(lin, fac, elim):

@@ -46,7 +46,9 @@ def factor(lin: Linearisation, mu_z) -> WoodburyFactor:
     d_inv = 1 / (omega * omega + mu_z)
     u = d_inv[0][:, :, None] * jnp.swapaxes(c_mat, -1, -2)
     k = jnp.eye(c_mat.shape[1], dtype=omega.dtype) + c_mat @ u
-    return WoodburyFactor(d_inv, u[None], jnp.linalg.inv(k)[None], lin.c_o, lin.w_out)
+    # A batched LU for 1 × 1 matrices cost 18 kernels of compilation.
+    k_inv = 1 / k if k.shape[-1] == 1 else jnp.linalg.inv(k)
+    return WoodburyFactor(d_inv, u[None], k_inv[None], lin.c_o, lin.w_out)
 
 
 def projector(lin: Linearisation, fac: WoodburyFactor) -> Projector:
