@@ -59,7 +59,7 @@ def main(argv=None):
         r0 = res(params, Z)
         f0 = merit(params, Z, spec, x, y, lam, sigma)
         opts = LMOptions(linear_solver="cg", cg_rtol=1e-3, cg_max_steps=500)
-        dp, dz = damped_step(params, Z, spec, x, y, lam, sigma, mu, state_ratio * mu, opts, jnp.asarray(1.0))
+        dp, dz = damped_step(params, Z, spec, x, y, lam, sigma, mu, state_ratio * mu, opts)
         _, jd = jax.jvp(res, (params, Z), (dp, dz))
         pred = 0.5 * jnp.sum(r0 * r0) - 0.5 * jnp.sum((r0 + jd) ** 2)
         p1 = tree_add(params, dp)

@@ -12,11 +12,12 @@ import pytest
 import alm_jax
 from alm_jax import inner as inner_lib
 from alm_jax._chain import mlp_to_chain
-from alm_jax._lifted import augmented_lagrangian_stacked
+from alm_jax._lifted import augmented_lagrangian_stacked, lifted_residual
 from alm_jax._linalg import _blocktri, _onelayer, matfree_step, structured_step
 from alm_jax._linalg._linearise import linearise
 from alm_jax._inner._lm import LMOptions, damped_step, lm_iteration
-from alm_jax._linalg._matfree import apply_ju, cg_solver
+from alm_jax._linalg._matfree import apply_ju, pcg, residual_gradient
+from alm_jax._linalg._schur import unflatten_weights
 
 from _problems import make_problem
 
@@ -109,21 +110,27 @@ def test_cg_step_converges_to_exact_step(shape, precondition):
     assert errs[2] < 1e-10
 
 
-@pytest.mark.parametrize("rtol", [1e-1, 1e-3, 1e-6])
-def test_cg_stops_on_the_norm_wise_residual(rtol):
+@pytest.mark.parametrize("rtol,precondition", [(1e-1, False), (1e-3, True), (1e-6, False), (1e-6, True)])
+def test_cg_stops_on_the_norm_wise_residual(rtol, precondition):
     """With b_0 = 0, lineax's componentwise test (|r_i| ≤ rtol·|b_i|) is never
-    met and CG runs to its cap; `cg_solver`'s test stops well before it, with
-    rms(r) ≤ rtol·(rms(b) + max|b|), the bound its scale implies (SPD, P = 60,
-    condition number 1e3: the recursive and true residuals agree to ≈1e-13)."""
+    met and its CG runs to the cap; `pcg` stops well before it, with
+    rms(r) ≤ rtol·(rms(b) + max|b|), the bound its test implies (SPD, P = 60,
+    condition number κ = 1e3: the recursive and true residuals agree to
+    ≈1e-13), with or without a (Jacobi) preconditioner; at rtol 1e-6 its
+    iterate is within κ·rtol = 1e-3 (relative) of the solution."""
     n, cap = 60, 500
     rng = np.random.default_rng(0)
     q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    op = lx.MatrixLinearOperator(jnp.asarray(q @ np.diag(np.logspace(0, 3, n)) @ q.T), lx.positive_semidefinite_tag)
+    a = jnp.asarray(q @ np.diag(np.logspace(0, 3, n)) @ q.T)
     b = jnp.asarray(rng.standard_normal(n)).at[0].set(0.0)
-    sol = lx.linear_solve(op, b, cg_solver(rtol, cap, b), throw=False)
+    pre = (lambda v: v / jnp.diag(a)) if precondition else None  # noqa: E731
+    x, steps = jax.jit(lambda b: pcg(lambda v: a @ v, b, rtol, cap, pre))(b)
     rms = lambda v: float(jnp.sqrt(jnp.mean(v * v)))  # noqa: E731
-    assert int(sol.stats["num_steps"]) < 2 * n
-    assert rms(op.mv(sol.value) - b) <= rtol * (rms(b) + float(jnp.max(jnp.abs(b))))
+    assert 0 < int(steps) < 2 * n
+    assert rms(a @ x - b) <= rtol * (rms(b) + float(jnp.max(jnp.abs(b))))
+    if rtol == 1e-6:
+        np.testing.assert_allclose(x, jnp.linalg.solve(a, b), rtol=0, atol=1e-3 * rms(jnp.linalg.solve(a, b)))
+    op = lx.MatrixLinearOperator(a, lx.positive_semidefinite_tag)
     componentwise = lx.CG(rtol=rtol, atol=0.0, max_steps=cap, stabilise_every=None)
     assert int(lx.linear_solve(op, b, componentwise, throw=False).stats["num_steps"]) == cap
 
@@ -153,7 +160,7 @@ def test_cg_preconditions_an_mlp_by_default():
 
     def step(pre):
         opts = LMOptions(linear_solver="cg", cg_rtol=1e-2, precondition=pre)
-        dp, dz = damped_step(params, Z, spec, p.x, p.y, p.multipliers, p.sigma, 1e-2, 1e-8, opts, jnp.asarray(1.0))
+        dp, dz = damped_step(params, Z, spec, p.x, p.y, p.multipliers, p.sigma, 1e-2, 1e-8, opts)
         return jnp.concatenate([v.ravel() for v in jax.tree_util.tree_leaves((dp, dz))])
 
     auto, on, off = step(None), step(True), step(False)
@@ -181,6 +188,23 @@ def test_one_layer_preconditioner_grams_are_exact(loss, n_out):
     np.testing.assert_allclose(g_hid, want_hid, rtol=0, atol=1e-12)
     np.testing.assert_allclose(g_out, want_out, rtol=0, atol=1e-12)
     assert float(jnp.max(jnp.abs(want_hid))) > 1e-2 and float(jnp.max(jnp.abs(want_out))) > 1e-2
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_forcing_gradient_from_the_linearisation(shape):
+    """The forcing term's ∇f = Jᵀr, taken from the linearisation, equals
+    jax.grad of ½‖lifted residual‖² over weights and states (float64, O(1)
+    entries: 1e-12), with one penalty per constraint (row weights ω ≠ 1)."""
+    params, spec, Z, p = _subproblem(**SHAPES[shape])
+    sigma = p.sigma * (1 + jnp.arange(Z.size).reshape(Z.shape) % 3).astype(Z.dtype)
+    lin = linearise(params, spec, p.x, p.y, Z, p.multipliers, sigma)
+    g_w, g_z = residual_gradient(lin)
+    half_sq = lambda q, z: 0.5 * jnp.sum(lifted_residual(q, z, spec, p.x, p.y, p.multipliers, sigma) ** 2)  # noqa: E731
+    want_w, want_z = jax.grad(half_sq, argnums=(0, 1))(params, Z)
+    flat = lambda t: jnp.concatenate([v.ravel() for v in jax.tree_util.tree_leaves(t)])  # noqa: E731
+    np.testing.assert_allclose(flat(unflatten_weights(g_w, spec)), flat(want_w), rtol=0,
+                               atol=1e-12 * float(jnp.max(jnp.abs(g_w))))
+    np.testing.assert_allclose(g_z, want_z, rtol=0, atol=1e-12 * float(jnp.max(jnp.abs(g_z))))
 
 
 def test_apply_ju_is_adjoint_of_apply_jut():

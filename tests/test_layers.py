@@ -150,6 +150,21 @@ def test_matfree_step_converges_to_exact():
     assert errs[-1] <= 1e-9 and errs[-1] < errs[0], errs
 
 
+def test_forcing_gradient_of_a_layer_chain():
+    """The forcing term's ∇f = Jᵀρ from the layer chain's linearisation equals
+    jax.grad of ½‖lifted residual‖² (float64: 1e-12 of the largest entry)."""
+    chain, states, lams, x, y = make_problem(CHAINS["mixed"], 3, 2, 9, seed=1)
+    params, spec = to_chain(chain, x)
+    Z = jnp.concatenate(states, axis=-1)[None]
+    Lam = jnp.concatenate(lams, axis=-1)[None]
+    sigma = jnp.asarray(3.0)
+    g_w, g_z = _generic._reduced(params, spec, x, y, Z, Lam, sigma, 1e-3).residual_gradient()
+    half_sq = lambda p, z: 0.5 * jnp.sum(_lifted.lifted_residual(p, z, spec, x, y, Lam, sigma) ** 2)  # noqa: E731
+    want_w, want_z = jax.grad(half_sq, argnums=(0, 1))(params, Z)
+    np.testing.assert_allclose(g_w, ravel_pytree(want_w)[0], rtol=0, atol=1e-12 * float(jnp.max(jnp.abs(g_w))))
+    np.testing.assert_allclose(g_z, want_z[0], rtol=0, atol=1e-12 * float(jnp.max(jnp.abs(g_z))))
+
+
 @pytest.mark.parametrize("budget", [None, 2000])
 def test_step_with_per_constraint_penalties(budget, monkeypatch):
     """σ one value per constraint (ω ≠ 1 in every row factor, also in the dense layers' Kronecker

@@ -40,7 +40,6 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import lineax as lx
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
@@ -48,7 +47,7 @@ from .._layers import LayerSpec, sample_constraints, sample_output, split_states
 from .._lifted import penalty_split
 from . import _probes
 from ._blocktri import _tri_inv
-from ._matfree import cg_solver
+from ._matfree import forcing_term, pcg
 from ._schur import solve_spd
 
 # Elements of the residual-sized work arrays of one batch of weight directions (~256 MiB in float64).
@@ -223,6 +222,11 @@ class _Reduced(NamedTuple):
         """J_θᵀ P ρ, the reduced system's right-hand side (negated)."""
         return self.vjp(self.project(self.r))[0]
 
+    def residual_gradient(self):
+        """∇f = Jᵀρ of f = ½‖ρ‖²: over the weights (flat) and the states (m, D)."""
+        g_z = jax.vmap(lambda bj, ej: jnp.concatenate(_jut(bj, self.rows, ej[:, None]))[:, 0])(self.blocks, self.r)
+        return self.vjp(self.r)[0], g_z
+
     def s_times(self, v):
         """J_θᵀ P J_θ v."""
         return self.vjp(self.project(self.jvp(v)))[0]
@@ -378,15 +382,19 @@ def structured_step(params, spec: LayerSpec, x, y, Z, Lam, sigma, mu_w, mu_z, ch
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "max_steps"))
-def matfree_step(params, spec: LayerSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=100):
-    """Inexact minimiser by CG on the reduced system, S applied by jvp/vjp; returns (dparams, dZ, steps)."""
+def matfree_step(params, spec: LayerSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=None, max_steps=100, forcing_max=0.1):
+    """Inexact minimiser by CG on the reduced system, S applied by jvp/vjp; returns (dparams, dZ, steps).
+
+    rtol None: the forcing term min(forcing_max, √‖∇f‖) (`_matfree.forcing_term`).
+    """
     red = _reduced(params, spec, x, y, Z, Lam, sigma, mu_z)
     g = red.gradient()
-    struct = jax.ShapeDtypeStruct(g.shape, g.dtype)
-    op = lx.FunctionLinearOperator(lambda v: red.s_times(v) + mu_w * v, struct, tags=lx.positive_semidefinite_tag)
-    sol = lx.linear_solve(op, -g, cg_solver(rtol, max_steps, g), throw=False)
-    dparams, dz = red.finish(sol.value)
-    return dparams, dz, sol.stats["num_steps"]
+    if rtol is None:
+        g_w, g_z = red.residual_gradient()
+        rtol = forcing_term(jnp.sqrt(jnp.sum(g_w * g_w) + jnp.sum(g_z * g_z)), forcing_max)
+    value, steps = pcg(lambda v: red.s_times(v) + mu_w * v, -g, rtol, max_steps)
+    dparams, dz = red.finish(value)
+    return dparams, dz, steps
 
 
 def initial_damping(params, spec: LayerSpec, x, y, Z, Lam, sigma, tau=1e-3, probes=8):

@@ -10,7 +10,7 @@ the sample axis) and H⁻¹ reuses the per-sample block factor. One product cost
 about two passes over the data; memory is O(P + m·N·n²), whatever P² is.
 The states then follow by the same back-substitution as in the exact step.
 
-CG (lineax) can be preconditioned (`precondition=True`, the inner `cg`'s
+CG (`pcg`) can be preconditioned (`precondition=True`, the inner `cg`'s
 default for an MLP) by per-layer Kronecker factors
 (K-FAC style, Martens & Grosse 2015): layer a's diagonal block Σ_j (z̃z̃ᵀ) ⊗ (c P_j[a,a] c) is
 approximated by m·(A_a ⊗ G_a), A_a the mean of z̃z̃ᵀ and G_a the mean of
@@ -25,7 +25,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import lineax as lx
 import numpy as np
 
 from .._chain import ChainSpec
@@ -39,26 +38,68 @@ _EXPLICIT_FRACTION_ACCEL = 0.25
 _PROBES = 4
 
 
-def cg_solver(rtol, max_steps, rhs) -> lx.CG:
-    """lineax CG on a reduced weight system S d = rhs, stopped by a norm-wise test.
+def pcg(apply, b, rtol, max_steps, precondition=None):
+    """Preconditioned CG for S x = b from x = 0, stopped by a norm-wise test; returns (x, steps).
 
-    lineax's own test is componentwise (|r_i| ≤ rtol·|b_i| for every i), which
-    a component with b_i ≈ 0 never passes, so CG ran to its cap whatever the
-    forcing term. Here the scale is atol = rtol·rms(b) added to rtol·|b_i|
-    under the RMS norm, so CG stops once rms(r / (rtol·(rms(b) + |b|))) ≤ 1:
-    whenever ‖r‖ ≤ rtol‖b‖, and never with rms(r) > rtol·(rms(b) + max|b|)
-    (the same test, with the iterate's scale, on CG's last update). On the
-    UCI sets at 10 s this trained 0.73× as low as the componentwise test
-    (geometric mean; benchmarks/RESULTS.md).
+    The test is lineax's with atol = rtol·rms(b) under the RMS norm: CG stops
+    once rms(r / (rtol·(rms(b) + |b|))) ≤ 1, i.e. whenever ‖r‖ ≤ rtol‖b‖ and
+    never with rms(r) > rtol·(rms(b) + max|b|), and the last update passes
+    the same test at the iterate's scale. lineax's own CG did not fit, for
+    three measured reasons:
 
-    No periodic recomputation of the true residual (`stabilise_every=None`):
-    lineax takes that choice by a `lax.cond` inside the loop, and on XLA:CPU
-    that cond made every CG iteration ≈ 3× slower (12 → 4 ms at m = 7373,
-    P = 501), whether or not the expensive branch ran. A drifted residual
-    can only end CG early or late; the LM gain ratio still judges the step.
+    * its test is componentwise (|r_i| ≤ rtol·|b_i| for every i, atol = 0),
+      which a component with b_i ≈ 0 never passes, so CG ran to its cap
+      whatever the forcing term (the norm-wise test trained 0.73× as low on
+      the UCI sets at 10 s);
+    * its periodic recomputation of the true residual is a `lax.cond` in
+      the loop, which on XLA:CPU made every iteration ≈ 3× slower (12 → 4 ms
+      at m = 7373, P = 501) whether or not the branch ran; here the
+      recursive residual is kept (a drifted one only ends CG early or late,
+      and the LM gain ratio still judges the step);
+    * it starts with a product S·x_0 even for x_0 = 0: one product of ≈ 2.5
+      ms on UCI kin8nm, in an update of ≈ 50–65 ms (10–20 % more updates in
+      the same time; benchmarks/RESULTS.md).
     """
-    atol = rtol * _rms(rhs)
-    return lx.CG(rtol=rtol, atol=atol, norm=_rms, max_steps=max_steps, stabilise_every=None)
+    pre = (lambda v: v) if precondition is None else precondition
+    atol = rtol * _rms(b)
+
+    def converged(r, dx, x):
+        return (_rms(r / (atol + rtol * jnp.abs(b))) <= 1) & (_rms(dx / (atol + rtol * jnp.abs(x))) <= 1)
+
+    def cond(c):
+        x, r, _, gamma, dx, k = c
+        return (gamma > 0) & (k < max_steps) & ~converged(r, dx, x)
+
+    def body(c):
+        x, r, p, gamma, _, k = c
+        sp = apply(p)
+        alpha = gamma / jnp.vdot(p, sp)
+        x, r = x + alpha * p, r - alpha * sp
+        z = pre(r)
+        gamma_new = jnp.vdot(z, r)
+        return x, r, z + (gamma_new / gamma) * p, gamma_new, alpha * p, k + 1
+
+    z0 = pre(b)
+    init = (jnp.zeros_like(b), b, z0, jnp.vdot(z0, b), jnp.full_like(b, jnp.inf), jnp.asarray(0, jnp.int32))
+    x, *_, steps = jax.lax.while_loop(cond, body, init)
+    return x, steps
+
+
+def forcing_term(grad_norm, forcing_max):
+    """η = min(η_max, √‖∇f‖), f = ½‖r‖² (Dembo, Eisenstat & Steihaug 1982)."""
+    return jnp.minimum(forcing_max, jnp.sqrt(grad_norm))
+
+
+def residual_gradient(lin: Linearisation):
+    """∇f = Jᵀr of f = ½‖r‖² over the weights and the states, from the linearisation.
+
+    Two GEMM passes; a separate backward pass through the residual had been
+    one forward and one backward pass more per update, only for the
+    forcing term.
+    """
+    g_w = weight_vjp(lin, lin.r_h, lin.r_o)
+    g_z = _blocktri.apply_jut(lin, lin.r_h[..., None], lin.r_o[..., None])[..., 0]
+    return g_w, g_z
 
 
 def _rms(tree):
@@ -157,11 +198,13 @@ def _preconditioner(spec, factors, m, mu):
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "max_steps", "precondition"))
-def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=100, precondition=False):
+def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=None, max_steps=100,
+                 precondition=False, forcing_max=0.1):
     """Inexact minimiser of ‖J d + r‖² + μ_w‖dθ‖² + μ_z‖dZ‖² by CG on the reduced system.
 
-    CG stops at relative residual ≈ rtol (the norm-wise test of `cg_solver`)
-    or after `max_steps` products.
+    CG stops at relative residual ≈ rtol (the norm-wise test of `pcg`)
+    or after `max_steps` products; rtol None takes the forcing term
+    min(forcing_max, √‖∇f‖) (`forcing_term`).
 
     Returns:
         (dparams, dZ, cg_steps).
@@ -178,15 +221,12 @@ def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol,
 
     pr_h, pr_o = _project(lin, fac, elim, lin.r_h, lin.r_o)
     g = weight_vjp(lin, pr_h, pr_o)
-    struct = jax.ShapeDtypeStruct(g.shape, g.dtype)
-    op = lx.FunctionLinearOperator(s_apply, struct, tags=lx.positive_semidefinite_tag)
-    options = {}
+    if rtol is None:
+        g_w, g_z = residual_gradient(lin)
+        rtol = forcing_term(jnp.sqrt(jnp.sum(g_w * g_w) + jnp.sum(g_z * g_z)), forcing_max)
+    pre = None
     if precondition:
-        factors = _layer_factors(spec, lin, fac, elim)
-        pre = _preconditioner(spec, factors, m, mu_w)
-        options["preconditioner"] = lx.FunctionLinearOperator(pre, struct, tags=lx.positive_semidefinite_tag)
-    solver = cg_solver(rtol, max_steps, g)
-    sol = lx.linear_solve(op, -g, solver, options=options, throw=False)
-    dparams = unflatten_weights(sol.value, spec)
-
-    return dparams, back_substitute(lin, elim, fac, dparams, spec), sol.stats["num_steps"]
+        pre = _preconditioner(spec, _layer_factors(spec, lin, fac, elim), m, mu_w)
+    value, steps = pcg(s_apply, -g, rtol, max_steps, pre)
+    dparams = unflatten_weights(value, spec)
+    return dparams, back_substitute(lin, elim, fac, dparams, spec), steps

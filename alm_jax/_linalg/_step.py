@@ -14,8 +14,12 @@ def structured_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, chunk=None):
     return impl(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, chunk)
 
 
-def matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=100, precondition=False):
+def matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=None, max_steps=100, precondition=False,
+                 forcing_max=0.1):
     """CG on the reduced weight system: `(dparams, dZ, cg_steps)`.
+
+    CG's tolerance is `rtol`, or if None the forcing term min(forcing_max, √‖∇f‖)
+    of the residual's gradient (computed from the linearisation).
 
     `precondition=None` takes the Kronecker preconditioner where the model has
     its factors (an MLP's dense chain) and none for a general layer chain.
@@ -25,6 +29,7 @@ def matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=
     if isinstance(spec, LayerSpec):
         if precondition:
             raise ValueError("precondition: the Kronecker preconditioner needs an eqx.nn.MLP model.")
-        return _generic.matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=max_steps)
+        return _generic.matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=max_steps,
+                                     forcing_max=forcing_max)
     return _matfree.matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=max_steps,
-                                 precondition=precondition)
+                                 precondition=precondition, forcing_max=forcing_max)
