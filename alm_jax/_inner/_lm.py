@@ -41,6 +41,7 @@ from .._linalg import explicit_fits, matfree_step, structured_step
 from .._layers import LayerSpec
 from .._linalg import _generic
 from .._linalg._linearise import linearise
+from .._linalg._matfree import FORCING_MAX
 from ._base import InnerResult, InnerSolver, Problem, all_finite, nielsen, tree_add, tree_where
 
 LINEAR_SOLVERS = ("auto", "cholesky", "cg")
@@ -54,7 +55,7 @@ class LMOptions(NamedTuple):
     chunk_size: int | None = None
     linear_solver: str = "cholesky"
     cg_rtol: float | None = None  # None: the forcing term min(cg_forcing_max, √‖∇f‖)
-    cg_forcing_max: float = 0.1
+    cg_forcing_max: float = FORCING_MAX
     cg_max_steps: int = 100
     precondition: bool | None = None  # None: the Kronecker preconditioner where the model allows it
     rollout: bool = True
@@ -207,7 +208,7 @@ def lm(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
 
 
 def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, rtol: float | None = None,
-       forcing_max: float = 0.1, max_cg_steps: int = 100, precondition: bool | None = None, max_steps: int = 3,
+       forcing_max: float = FORCING_MAX, max_cg_steps: int = 100, precondition: bool | None = None, max_steps: int = 3,
        rescale_damping: bool = False, rollout: bool = True) -> InnerSolver:
     """Truncated Gauss–Newton: LM with CG on the reduced weight system, matrix free.
 

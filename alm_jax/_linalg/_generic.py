@@ -47,7 +47,7 @@ from .._layers import LayerSpec, sample_constraints, sample_output, split_states
 from .._lifted import penalty_split
 from . import _probes
 from ._blocktri import _tri_inv
-from ._matfree import forcing_term, pcg
+from ._matfree import FORCING_MAX, forcing_term, pcg
 from ._schur import solve_spd
 
 # Elements of the residual-sized work arrays of one batch of weight directions (~256 MiB in float64).
@@ -382,7 +382,8 @@ def structured_step(params, spec: LayerSpec, x, y, Z, Lam, sigma, mu_w, mu_z, ch
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "max_steps"))
-def matfree_step(params, spec: LayerSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=None, max_steps=100, forcing_max=0.1):
+def matfree_step(params, spec: LayerSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=None, max_steps=100,
+                 forcing_max=FORCING_MAX):
     """Inexact minimiser by CG on the reduced system, S applied by jvp/vjp; returns (dparams, dZ, steps).
 
     rtol None: the forcing term min(forcing_max, √‖∇f‖) (`_matfree.forcing_term`).
@@ -390,8 +391,7 @@ def matfree_step(params, spec: LayerSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=
     red = _reduced(params, spec, x, y, Z, Lam, sigma, mu_z)
     g = red.gradient()
     if rtol is None:
-        g_w, g_z = red.residual_gradient()
-        rtol = forcing_term(jnp.sqrt(jnp.sum(g_w * g_w) + jnp.sum(g_z * g_z)), forcing_max)
+        rtol = forcing_term(red.residual_gradient(), forcing_max)
     value, steps = pcg(lambda v: red.s_times(v) + mu_w * v, -g, rtol, max_steps)
     dparams, dz = red.finish(value)
     return dparams, dz, steps

@@ -15,7 +15,7 @@ def structured_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, chunk=None):
 
 
 def matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=None, max_steps=100, precondition=False,
-                 forcing_max=0.1):
+                 forcing_max=_matfree.FORCING_MAX):
     """CG on the reduced weight system: `(dparams, dZ, cg_steps)`.
 
     CG's tolerance is `rtol`, or if None the forcing term min(forcing_max, √‖∇f‖)
