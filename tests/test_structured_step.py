@@ -68,6 +68,8 @@ CASES = [
     (4, 6, 3, 3, 10, True, gelu, 1e-3, 1e-6, {"chunk_size": 4, "final_act": jax.nn.softplus}),
     (1, 2, 1, 1, 3, True, jnp.tanh, 1e-2, 0.0, {}),
     (1, 5, 3, 2, 9, True, jnp.tanh, 1e-2, 1e-4, {"chunk_size": 4}),
+    # deeper than _blocktri.UNROLL_MAX_DEPTH: the state sweeps run as scans
+    (6, 3, 2, 2, 5, True, jnp.tanh, 1e-2, 1e-3, {}),
 ]
 
 
