@@ -190,6 +190,36 @@ def test_one_layer_preconditioner_grams_are_exact(loss, n_out):
     assert float(jnp.max(jnp.abs(want_hid))) > 1e-2 and float(jnp.max(jnp.abs(want_out))) > 1e-2
 
 
+@pytest.mark.parametrize("loss,n_out", [("squared", 1), ("softmax_cross_entropy", 3)])
+def test_deep_preconditioner_grams_in_the_condensing_limit(loss, n_out):
+    """For depth > 1 the preconditioner's second Kronecker factors, from the
+    null space of J_uᵀ, equal the sample means of c_a P[a,a] c_a and
+    c_oᵀ P_oo c_o with P = I − J_u (J_uᵀJ_u)⁻¹ J_uᵀ formed densely per sample
+    (μ_z = 0, where the null-space form is exact; float64: to 1e-11 of the
+    largest entry, which is 1e-4 to 1e-1 here: P projects onto n_y of the
+    N·n + n_y rows)."""
+    params, spec, Z, p = _subproblem(depth=3, width=4, n_out=n_out, loss=loss)
+    lin = linearise(params, spec, p.x, p.y, Z, p.multipliers, p.sigma)
+    g_h, g_out = _blocktri.stage_output_grams(lin)
+    N, m, n = Z.shape
+    basis = jnp.eye(N * n, dtype=Z.dtype).reshape(N * n, N, 1, n) * jnp.ones((1, 1, m, 1), Z.dtype)
+    cols_h, cols_o = jax.vmap(lambda u: apply_ju(lin, u))(basis)  # (N·n, N, m, n), (N·n, m, ny)
+    ju = jnp.concatenate([jnp.moveaxis(cols_h, 2, 0).reshape(m, N * n, N * n).transpose(0, 2, 1),
+                          jnp.moveaxis(cols_o, 1, 0).transpose(0, 2, 1)], axis=1)  # (m, N·n + ny, N·n)
+    jut = jnp.swapaxes(ju, 1, 2)
+    proj = jnp.eye(ju.shape[1]) - ju @ jnp.linalg.solve(jut @ ju, jut)
+    for a in range(N):
+        c, blk = lin.c_h[a], proj[:, a * n:(a + 1) * n, a * n:(a + 1) * n]
+        want = jnp.mean(c[:, :, None] * blk * c[:, None, :], axis=0)
+        scale = float(jnp.max(jnp.abs(want)))
+        assert scale > 1e-5
+        np.testing.assert_allclose(g_h[a], want, rtol=0, atol=1e-11 * scale)
+    want_out = jnp.mean(jnp.swapaxes(lin.c_o, 1, 2) @ proj[:, N * n:, N * n:] @ lin.c_o, axis=0)
+    scale = float(jnp.max(jnp.abs(want_out)))
+    assert scale > 1e-5
+    np.testing.assert_allclose(g_out, want_out, rtol=0, atol=1e-11 * scale)
+
+
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_forcing_gradient_from_the_linearisation(shape):
     """The forcing term's ∇f = Jᵀr, taken from the linearisation, equals

@@ -14,8 +14,9 @@ CG (`pcg`) can be preconditioned (`precondition=True`, the inner `cg`'s
 default for an MLP) by per-layer Kronecker factors
 (K-FAC style, Martens & Grosse 2015): layer a's diagonal block Σ_j (z̃z̃ᵀ) ⊗ (c P_j[a,a] c) is
 approximated by m·(A_a ⊗ G_a), A_a the mean of z̃z̃ᵀ and G_a the mean of
-c P[a,a] c (exact for one hidden layer, `_onelayer.stage_output_grams`; a
-few-probe estimate for deeper chains), inverted exactly through the
+c P[a,a] c (exact for one hidden layer, `_onelayer.stage_output_grams`;
+exact in the condensing limit for deeper chains,
+`_blocktri.stage_output_grams`), inverted exactly through the
 eigenvectors of A_a and G_a.
 """
 
@@ -28,14 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._chain import ChainSpec
-from . import _blocktri, _onelayer, _probes
+from . import _blocktri, _onelayer
 from ._linearise import Linearisation, linearise
 from ._schur import back_substitute, elimination, layer_blocks, num_weights, unflatten_weights, weight_jvp, weight_vjp
 
 # Bytes the explicit reduced system may take before `auto` goes matrix-free.
 _EXPLICIT_BYTES_CPU = 2 << 30
 _EXPLICIT_FRACTION_ACCEL = 0.25
-_PROBES = 4
 # The forcing term's cap η_max (`forcing_term`): the inner `cg`'s default.
 FORCING_MAX = 0.1
 
@@ -142,14 +142,15 @@ def _project(lin, fac, elim, e_h, e_o):
     return e_h - jh, e_o - jo
 
 
-def _layer_factors(spec, lin, fac, elim):
+def _layer_factors(spec, lin, fac):
     """Eigen-decompositions of the Kronecker factors (A_a, G_a) of every layer block."""
     m = lin.r_o.shape[0]
     if spec.depth == 1:
         g_in, g_out = _onelayer.stage_output_grams(lin, fac)
         gs = [g_in, jnp.zeros((0,) + g_in.shape, g_in.dtype), g_out]
     else:
-        gs = _probed_grams(lin, fac, elim)
+        g_h, g_out = _blocktri.stage_output_grams(lin)
+        gs = [g_h[0], g_h[1:], g_out]
     As = [lin.zt_in.T @ lin.zt_in / m,
           jnp.einsum("gmk,gml->gkl", lin.zt_hid, lin.zt_hid) / m,
           lin.zt_out.T @ lin.zt_out / m]
@@ -160,20 +161,6 @@ def _eigh(a):
     if a.shape[-1] == 1:  # one output: no LAPACK call to compile
         return a[..., 0], jnp.ones_like(a)
     return jnp.linalg.eigh(a)
-
-
-def _probed_grams(lin, fac, elim):
-    """Means of c P[a,a] c per stage and c_oᵀ P_oo c_o, estimated with Rademacher probes e: E[(Pe)(Pe)ᵀ] = P²."""
-    m = lin.r_o.shape[0]
-    e_h = _probes.rademacher((_PROBES,) + lin.r_h.shape, lin.r_h.dtype, salt=0)
-    e_o = _probes.rademacher((_PROBES,) + lin.r_o.shape, lin.r_o.dtype, salt=1)
-    p_h, p_o = jax.vmap(lambda a, b: _project(lin, fac, elim, a, b))(e_h, e_o)
-    g_h = lin.c_h * p_h  # (q, N, m, n)
-    g_o = jnp.einsum("mab,qma->qmb", lin.c_o, p_o)  # (q, m, ny)
-    scale = 1.0 / (_PROBES * m)
-    return [jnp.einsum("qma,qmb->ab", g_h[:, 0], g_h[:, 0]) * scale,
-            jnp.einsum("qgma,qgmb->gab", g_h[:, 1:], g_h[:, 1:]) * scale,
-            jnp.einsum("qma,qmb->ab", g_o, g_o) * scale]
 
 
 def _kron_inverse(eig_g, eig_a, v, m, mu):
@@ -227,7 +214,7 @@ def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=
         rtol = forcing_term(residual_gradient(lin), forcing_max)
     pre = None
     if precondition:
-        pre = _preconditioner(spec, _layer_factors(spec, lin, fac, elim), m, mu_w)
+        pre = _preconditioner(spec, _layer_factors(spec, lin, fac), m, mu_w)
     value, steps = pcg(s_apply, -g, rtol, max_steps, pre)
     dparams = unflatten_weights(value, spec)
     return dparams, back_substitute(lin, elim, fac, dparams, spec), steps
