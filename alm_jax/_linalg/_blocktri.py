@@ -19,9 +19,12 @@ recursion). Up to `UNROLL_MAX_DEPTH` hidden layers the sweeps are unrolled
 and the blocks kept as one array per layer: XLA:CPU copied each layer's
 (m, n, n) block out of the stacked array on every sweep of a `lax.scan`,
 and the solve runs once per CG product (4×16 network on UCI concrete:
-212 → 138 ms per update). Deeper chains keep the scans, since unrolling
-them compiled ≈ 3.5 s longer at depth 8 (benchmarks/RESULTS.md). The diagonal blocks' inverses L_i⁻¹ are formed explicitly: every
-later operation is then a batched matrix product, which XLA runs several
+212 → 138 ms per update). Deeper chains keep the scans: at depth 8 the
+unrolled sweeps compiled 1.4–2.7 s longer and trained no lower in 20 s
+(benchmarks/RESULTS.md, Round 6).
+
+The diagonal blocks' inverses L_i⁻¹ are formed explicitly: every later
+operation is then a batched matrix product, which XLA runs several
 times faster than batched triangular solves, and products with the shared
 weights W_a are single large GEMMs over the sample axis.
 """
@@ -37,12 +40,16 @@ from jax.scipy.linalg import solve_triangular
 from ._linearise import Linearisation
 
 
-# Deepest chain whose sweeps are unrolled over layers (see `factor`).
+# Deepest chain whose sweeps are unrolled over layers (module docstring).
 UNROLL_MAX_DEPTH = 4
 
 
 class BlockTriFactor(NamedTuple):
-    """L_i⁻¹ and K_iᵀ = L_i⁻¹ H[i, i+1], each (m, n, n): tuples over layers (unrolled) or stacked arrays (scanned)."""
+    """L_i⁻¹ and K_iᵀ = L_i⁻¹ H[i, i+1], each (m, n, n).
+
+    Tuples over layers when the sweeps are unrolled, stacked arrays when
+    they are scanned.
+    """
 
     linv: tuple | jnp.ndarray  # N blocks
     kt: tuple | jnp.ndarray  # N-1 blocks

@@ -75,8 +75,8 @@ def stage_output_grams(lin: Linearisation, fac: WoodburyFactor):
     The second Kronecker factors of the reduced system's diagonal blocks
     (`_matfree`'s preconditioner), from the closed form of P above: with
     A_j = diag(c ω) U_j,  mean_j c P_ss c = diag(mean c²(1 − ω²/(ω²+μ_z)))
-    + mean_j A_j K_j⁻¹ A_jᵀ, one GEMM over the samples. Deeper chains
-    estimate the same means with probes.
+    + mean_j A_j K_j⁻¹ A_jᵀ, one GEMM over the samples. Deeper chains:
+    `_blocktri.stage_output_grams` (exact as μ_z → 0).
     """
     omega, c = lin.omega[0], lin.c_h[0]
     m = c.shape[0]
