@@ -92,13 +92,22 @@ def train_adam(model, x, y, *, time_budget: float, learning_rate: float = 1e-2,
     return _optax_budgeted(opt, update, model, x, y, time_budget, steps_per_call, loss)
 
 
-def train_lbfgs(model, x, y, *, time_budget: float, steps_per_call: int = 10, loss="squared") -> BaselineRun:
-    """Full-batch `optax.lbfgs` with its default zoom line search (Nocedal & Wright Alg. 7.5)."""
+def train_lbfgs(model, x, y, *, time_budget: float, steps_per_call: int = 10, loss="squared",
+                gtol: float = 1e-12) -> BaselineRun:
+    """Full-batch `optax.lbfgs` with its default zoom line search (Nocedal & Wright Alg. 7.5).
+
+    Steps stop once ‖∇f‖ ≤ gtol, as in optax's own L-BFGS loop. Without
+    the stop, cross-entropy on separable data (300 digits, 64-8-10) fell to
+    0 and L-BFGS then stepped to a loss of 9.6e17 along the growing weights.
+    """
     opt = optax.lbfgs()
 
     def update(p, s, objective):
         v, g = optax.value_and_grad_from_state(objective)(p, state=s)
-        return opt.update(g, s, p, value=v, grad=g, value_fn=objective)
+        u, s_new = opt.update(g, s, p, value=v, grad=g, value_fn=objective)
+        done = sum(jnp.sum(a * a) for a in jax.tree_util.tree_leaves(g)) <= gtol * gtol
+        u = jax.tree_util.tree_map(lambda a: jnp.where(done, jnp.zeros_like(a), a), u)
+        return u, jax.tree_util.tree_map(lambda a, b: jnp.where(done, a, b), s, s_new)
 
     return _optax_budgeted(opt, update, model, x, y, time_budget, steps_per_call, loss)
 

@@ -50,11 +50,15 @@ def test_baselines_reduce_mse_within_budget(trainer):
 
 @pytest.mark.parametrize("trainer", [train_adam, train_lbfgs])
 def test_baselines_take_cross_entropy(trainer):
-    """With loss="softmax_cross_entropy" the baselines minimise the mean cross-entropy."""
+    """With loss="softmax_cross_entropy" the baselines minimise the mean cross-entropy.
+
+    The budget counts compilation (L-BFGS's took over 4 s on a loaded
+    machine); these 300 digits are separable, and L-BFGS given 6 s had
+    driven the loss to 0 and then to 9.6e17 before its gradient stop."""
     data = alm_jax.datasets.load_digits(0)
     x, y = jnp.asarray(data.x_train[:300]), jnp.asarray(data.y_train[:300])
     model = eqx.nn.MLP(64, 10, 8, 1, activation=jnp.tanh, key=jax.random.key(0))
-    run = trainer(model, x, y, time_budget=4.0, loss="softmax_cross_entropy")
+    run = trainer(model, x, y, time_budget=6.0, loss="softmax_cross_entropy")
     ce0 = float(jnp.mean(-jnp.sum(y * jax.nn.log_softmax(jax.vmap(model)(x)), axis=-1)))
     assert run.losses and run.losses[-1] < 0.5 * ce0
     assert len(run.losses) == len(run.mses) == len(run.times)
