@@ -73,7 +73,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+# Plain depth-3 and depth-4 tanh rows, covered by their neighbours (chunked,
+# bias-free, other activations); kept out of the default run for its ~10 min.
+_SLOW_ROWS = {7, 12}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=f"case{i}", marks=pytest.mark.slow if i in _SLOW_ROWS else ())
+                                  for i, c in enumerate(CASES)])
 def test_lm_step_matches_dense_lstsq(case):
     depth, width, n_in, n_out, m, bias, act, mu_w, mu_z, extra = case
     extra = dict(extra)
