@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import optax
 
 from . import _lifted
 from ._chain import ChainSpec, DenseParams
@@ -203,8 +204,7 @@ def alm(
         params, Z = res.params, res.states
 
         gp, gz = jax.grad(_lifted.augmented_lagrangian_stacked, argnums=(0, 1))(params, Z, spec, x, y, Lam, sigma)
-        gsq = sum(jnp.sum(g * g) for g in jax.tree_util.tree_leaves(gp)) + jnp.sum(gz * gz)
-        gnorm = jnp.sqrt(gsq)
+        gnorm = optax.tree_utils.tree_norm((gp, gz))
         inner_step = state.inner_step + 1
         inner_done = (gnorm <= state.policy.eps) | (inner_step >= max_inner_steps)
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ._inner._base import tree_where
 from ._losses import get_loss
 
 
@@ -105,9 +106,8 @@ def train_lbfgs(model, x, y, *, time_budget: float, steps_per_call: int = 10, lo
     def update(p, s, objective):
         v, g = optax.value_and_grad_from_state(objective)(p, state=s)
         u, s_new = opt.update(g, s, p, value=v, grad=g, value_fn=objective)
-        done = sum(jnp.sum(a * a) for a in jax.tree_util.tree_leaves(g)) <= gtol * gtol
-        u = jax.tree_util.tree_map(lambda a: jnp.where(done, jnp.zeros_like(a), a), u)
-        return u, jax.tree_util.tree_map(lambda a, b: jnp.where(done, a, b), s, s_new)
+        done = optax.tree_utils.tree_norm(g) <= gtol
+        return tree_where(done, optax.tree_utils.tree_zeros_like(u), u), tree_where(done, s, s_new)
 
     return _optax_budgeted(opt, update, model, x, y, time_budget, steps_per_call, loss)
 

@@ -79,15 +79,6 @@ def factor(lin: Linearisation, mu_z) -> BlockTriFactor:
     last = base[-1] + jnp.einsum("mok,mol->mkl", c_mat, c_mat)
     diag = base[:-1] + _gram_scaled(lin.s_hid, lin.w_hid)
     s_omega = lin.s_hid * omega[1:]
-    if N <= UNROLL_MAX_DEPTH:
-        linv, kt = [], []
-        corr = jnp.zeros((m, n, n), omega.dtype)
-        for i in range(N - 1):
-            linv.append(_tri_inv(jnp.linalg.cholesky(diag[i] - corr)))
-            kt.append(_upper_times(linv[-1], lin.w_hid[i], s_omega[i]))
-            corr = jnp.swapaxes(kt[-1], -1, -2) @ kt[-1]
-        linv.append(_tri_inv(jnp.linalg.cholesky(last - corr)))
-        return BlockTriFactor(tuple(linv), tuple(kt))
 
     def step(corr, blocks):
         d, w, so = blocks
@@ -95,7 +86,17 @@ def factor(lin: Linearisation, mu_z) -> BlockTriFactor:
         kt = _upper_times(linv, w, so)
         return jnp.swapaxes(kt, -1, -2) @ kt, (linv, kt)
 
-    corr, (linv, kt) = jax.lax.scan(step, jnp.zeros_like(diag[0]), (diag, lin.w_hid, s_omega))
+    corr = jnp.zeros((m, n, n), omega.dtype)
+    if N <= UNROLL_MAX_DEPTH:
+        linv, kt = [], []
+        for i in range(N - 1):
+            corr, (li, ki) = step(corr, (diag[i], lin.w_hid[i], s_omega[i]))
+            linv.append(li)
+            kt.append(ki)
+        linv.append(_tri_inv(jnp.linalg.cholesky(last - corr)))
+        return BlockTriFactor(tuple(linv), tuple(kt))
+
+    corr, (linv, kt) = jax.lax.scan(step, corr, (diag, lin.w_hid, s_omega))
     linv_last = _tri_inv(jnp.linalg.cholesky(last - corr))
     return BlockTriFactor(jnp.concatenate([linv, linv_last[None]], 0), kt)
 
@@ -133,6 +134,10 @@ def _solve_unrolled(fac: BlockTriFactor, rhs):
     return jnp.stack(xs[::-1])
 
 
+def _stacked(blocks):
+    return jnp.stack(blocks) if isinstance(blocks, tuple) else blocks
+
+
 def inverse_blocks(fac: BlockTriFactor):
     """Σ = H⁻¹ for every sample, block-major: Σ[i, j] of shape (m, n, n), (N, N, m, n, n).
 
@@ -146,7 +151,7 @@ def inverse_blocks(fac: BlockTriFactor):
     and the lower blocks by symmetry. Each step is one batched product of an
     n × n block with a block row.
     """
-    linv = jnp.stack(fac.linv) if isinstance(fac.linv, tuple) else fac.linv
+    linv = _stacked(fac.linv)
     N, m, n, _ = linv.shape
     lt = jnp.swapaxes(linv, -1, -2)
     own = lt @ linv  # L_i⁻ᵀ L_i⁻¹
@@ -154,7 +159,7 @@ def inverse_blocks(fac: BlockTriFactor):
     last = jnp.zeros((N, m, n, n), linv.dtype).at[N - 1].set(own[-1])
     if N == 1:
         return last[None]
-    g = lt[:-1] @ (jnp.stack(fac.kt) if isinstance(fac.kt, tuple) else fac.kt)
+    g = lt[:-1] @ _stacked(fac.kt)
 
     def step(row_next, inputs):
         i, gi, own_i = inputs

@@ -27,6 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from .._chain import ChainSpec
 from . import _blocktri, _onelayer
@@ -89,8 +90,7 @@ def pcg(apply, b, rtol, max_steps, precondition=None):
 
 def forcing_term(grad, forcing_max):
     """η = min(η_max, √‖∇f‖), ∇f a pytree, f = ½‖r‖² (Dembo, Eisenstat & Steihaug 1982)."""
-    grad_norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree_util.tree_leaves(grad)))
-    return jnp.minimum(forcing_max, jnp.sqrt(grad_norm))
+    return jnp.minimum(forcing_max, jnp.sqrt(optax.tree_utils.tree_norm(grad)))
 
 
 def residual_gradient(lin: Linearisation):
