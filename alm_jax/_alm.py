@@ -6,8 +6,11 @@
 Each `update` takes one iteration of the inner solver (Levenberg–Marquardt
 by default, see `alm_jax.inner`) on the current subproblem min_x L_σ(x, λ).
 When the subproblem is solved
-(‖∇_x L_σ‖ ≤ ε_k) or its iteration cap is reached, the same call performs
-the outer step:
+(‖∇_x L_σ‖ ≤ ε_k at the point the iteration started from, so that the
+Levenberg–Marquardt solvers take the gradient from the linearisation their
+step is built on instead of another forward and backward pass) or its
+iteration cap is reached, the same call performs the outer step at the
+new point:
 
     λ ← clip(λ + σ ⊙ h(x), ±bound)    (if the policy says so)
     σ, ε ← policy(σ, ε, h)
@@ -29,7 +32,6 @@ import jax.numpy as jnp
 import optax
 
 from . import _lifted
-from ._chain import ChainSpec, DenseParams
 from ._models import to_chain, to_model
 from ._checks import check_int, check_positive, check_xy
 from ._inner import InnerSolver, Problem, get_inner
@@ -79,7 +81,7 @@ class ALMInfo(NamedTuple):
     h_norm: jax.Array  # ‖h‖₂ of the lifted states
     beta: jax.Array
     damping: jax.Array  # the inner solver's damping or step size (NaN if none)
-    grad_norm: jax.Array  # ‖∇_x L_σ‖₂
+    grad_norm: jax.Array  # ‖∇_x L_σ‖₂ at the point the update started from
     accepted: jax.Array
     outer_step: jax.Array
     converged: jax.Array
@@ -203,8 +205,11 @@ def alm(
         res = solver.step(state.params, state.states, state.inner, Problem(spec, x, y, Lam, sigma))
         params, Z = res.params, res.states
 
-        gp, gz = jax.grad(_lifted.augmented_lagrangian_stacked, argnums=(0, 1))(params, Z, spec, x, y, Lam, sigma)
-        gnorm = optax.tree_utils.tree_norm((gp, gz))
+        gnorm = res.grad_norm
+        if gnorm is None:
+            grad = jax.grad(_lifted.augmented_lagrangian_stacked, argnums=(0, 1))(
+                state.params, state.states, spec, x, y, Lam, sigma)
+            gnorm = optax.tree_utils.tree_norm(grad)
         inner_step = state.inner_step + 1
         inner_done = (gnorm <= state.policy.eps) | (inner_step >= max_inner_steps)
 

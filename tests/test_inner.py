@@ -7,14 +7,16 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 import numpy as np
+import optax
 import pytest
 
 import alm_jax
 from alm_jax import inner as inner_lib
 from alm_jax._chain import mlp_to_chain
-from alm_jax._lifted import augmented_lagrangian_stacked, lifted_residual
+from alm_jax._lifted import augmented_lagrangian_stacked, constraints_stacked, lifted_residual, merit
 from alm_jax._linalg import _blocktri, _onelayer, matfree_step, structured_step
 from alm_jax._linalg._linearise import linearise
+from alm_jax._linalg._model import step_model
 from alm_jax._inner._lm import LMOptions, damped_step, lm_iteration
 from alm_jax._linalg._matfree import apply_ju, pcg, residual_gradient
 from alm_jax._linalg._schur import unflatten_weights
@@ -312,3 +314,55 @@ def test_auto_goes_matrix_free_when_the_reduced_system_does_not_fit(monkeypatch)
     runs = [alm_jax.fit(pb.model, pb.x, pb.y, max_steps=4, progress=False, inner="lm", linear_solver=ls).history.mse
             for ls in ("auto", "cg")]
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+PENALTIES = {"scalar": None, "per_constraint": "per_constraint"}
+
+
+@pytest.mark.parametrize("penalty", sorted(PENALTIES))
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_step_model_matches_autodiff(shape, penalty):
+    """The LM iteration's objective, gradient norm, predicted decrease and
+    predicted constraint values, taken from the linearisation, equal the
+    merit, β·‖∇merit‖ by reverse mode, ½‖r‖² − ½‖r + J d‖² by forward mode
+    and h + J_h d by forward mode (float64, all O(1e-2..1e1): to 1e-12
+    relative), for a scalar penalty and one per constraint."""
+    params, spec, Z, p = _subproblem(**SHAPES[shape])
+    if PENALTIES[penalty]:
+        scale = jnp.linspace(0.5, 2.0, Z.size).reshape(Z.shape)
+        p = p._replace(sigma=p.sigma * scale)
+    key = jax.random.split(jax.random.key(3), 2)
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    dp = jax.tree_util.tree_unflatten(tree, [0.1 * jax.random.normal(k, v.shape, v.dtype)
+                                             for k, v in zip(jax.random.split(key[0], len(leaves)), leaves)])
+    dz = 0.1 * jax.random.normal(key[1], Z.shape, Z.dtype)
+    got = step_model(linearise(params, spec, p.x, p.y, Z, p.multipliers, p.sigma), spec, p.multipliers, p.sigma,
+                     dp, dz)
+
+    def res(a, b):
+        return lifted_residual(a, b, spec, p.x, p.y, p.multipliers, p.sigma)
+
+    r0, jd = jax.jvp(res, (params, Z), (dp, dz))
+    f0, grad = jax.value_and_grad(merit, argnums=(0, 1))(params, Z, spec, p.x, p.y, p.multipliers, p.sigma)
+    h, jh = jax.jvp(lambda a, b: constraints_stacked(a, spec, p.x, b), (params, Z), (dp, dz))
+    np.testing.assert_allclose(got.objective, f0, rtol=1e-12)
+    np.testing.assert_allclose(got.gradient_norm, optax.tree_utils.tree_norm(grad), rtol=1e-12)
+    np.testing.assert_allclose(got.predicted, 0.5 * jnp.sum(r0 * r0) - 0.5 * jnp.sum((r0 + jd) ** 2), rtol=1e-12)
+    np.testing.assert_allclose(got.defects, h + jh, rtol=1e-12, atol=1e-12 * float(jnp.max(jnp.abs(h + jh))))
+
+
+def test_cg_accumulates_a_linear_map_of_its_solution():
+    """`pcg(..., has_aux=True)` returns T x with x its solution for the linear
+    map T the products carry, accumulated from them (SPD, P = 40, T random
+    30 × 40, float64: to 1e-12 of ‖T x‖), and the same x as without it."""
+    n = 40
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    a = jnp.asarray(q @ np.diag(np.logspace(0, 2, n)) @ q.T)
+    t = jnp.asarray(rng.standard_normal((30, n)))
+    b = jnp.asarray(rng.standard_normal(n))
+    x, steps, tx = pcg(lambda v: (a @ v, t @ v), b, 1e-8, 200, has_aux=True)
+    x_plain, _ = pcg(lambda v: a @ v, b, 1e-8, 200)
+    assert 0 < int(steps) < 200
+    np.testing.assert_array_equal(x, x_plain)
+    np.testing.assert_allclose(tx, t @ x, rtol=0, atol=1e-12 * float(jnp.linalg.norm(t @ x)))

@@ -40,6 +40,9 @@ class InnerResult(NamedTuple):
     state: Any  # the solver's own state
     accepted: Any
     damping: Any  # the solver's damping or step size, for diagnostics (NaN if none)
+    # ‖∇L_σ‖ at the point the step started from, where the solver has it
+    # for free (None: `alm` computes it).
+    grad_norm: Any = None
 
 
 class InnerSolver(NamedTuple):

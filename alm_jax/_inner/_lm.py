@@ -34,15 +34,17 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from .._checks import check_choice, check_int, check_positive
-from .._lifted import constraints_stacked, forward_states_stacked, lifted_residual, merit
+from .._lifted import constraints_stacked, forward_states_stacked, lifted_residual, merit, penalty_split
 from .._linalg import explicit_fits, matfree_step, structured_step
 from .._layers import LayerSpec
 from .._linalg import _generic
 from .._linalg._linearise import linearise
+from .._linalg._model import StepModel, step_model
 from .._linalg._matfree import FORCING_MAX
-from ._base import InnerResult, InnerSolver, Problem, all_finite, nielsen, tree_add, tree_where
+from ._base import InnerResult, InnerSolver, Problem, nielsen, tree_add, tree_where
 
 LINEAR_SOLVERS = ("auto", "cholesky", "cg")
 
@@ -68,6 +70,7 @@ class LMResult(NamedTuple):
     nu: jnp.ndarray
     accepted: jnp.ndarray
     objective: jnp.ndarray  # ½‖F_σ‖² at the returned point
+    grad_norm: jnp.ndarray  # ‖∇L_σ‖ at the point the iteration started from
 
 
 class LMState(NamedTuple):
@@ -106,42 +109,51 @@ def damped_step(params, Z, spec, x, y, Lam, sigma, mu_w, mu_z, opts: LMOptions):
     return dp, dz
 
 
-def _rolled_out(params, Z, dp, dz, p1, spec, x):
-    """Trial states rolled out through the new weights with the step's linearised defects.
+def _step_model(params, Z, spec, x, y, Lam, sigma, dp, dz, rollout) -> StepModel:
+    """f and ‖∇f‖ at the current point, the model's decrease along d, and h + J_h d (None unless `rollout`)."""
+    if not isinstance(spec, LayerSpec):
+        return step_model(linearise(params, spec, x, y, Z, Lam, sigma), spec, Lam, sigma, dp, dz)
 
-    z_{a+1} = φ(W'_a z_a + b'_a) + h_a + J_h,a d: the constraints take exactly
-    the values the Gauss–Newton model predicts, so the penalty term (weight
-    β) carries no second-order error of φ; only the loss rows (weight 1) do.
-    A second-order correction (Nocedal & Wright §15.6), and the way DDP
-    rolls out its states.
-    """
-    h, jh = jax.jvp(lambda p, z: constraints_stacked(p, spec, x, z), (params, Z), (dp, dz))
-    return forward_states_stacked(p1, spec, x, defects=h + jh)
-
-
-def lm_iteration(params, Z, spec, x, y, Lam, sigma, damping, nu, opts: LMOptions) -> LMResult:
     def res(p, z):
         return lifted_residual(p, z, spec, x, y, Lam, sigma)
 
-    f0 = merit(params, Z, spec, x, y, Lam, sigma)
-    dp, dz = damped_step(params, Z, spec, x, y, Lam, sigma, damping, opts.state_damping_ratio * damping, opts)
     r0, jd = jax.jvp(res, (params, Z), (dp, dz))
-    # The Gauss–Newton model's decrease; with a GGN loss r0 is not the
-    # objective's residual, but r0ᵀJ d is still its directional derivative.
+    # With a GGN loss r0 is not the objective's residual, but r0ᵀJ d is
+    # still its directional derivative.
     pred = 0.5 * jnp.sum(r0 * r0) - 0.5 * jnp.sum((r0 + jd) ** 2)
+    defects = None
+    if rollout:
+        h, jh = jax.jvp(lambda p, z: constraints_stacked(p, spec, x, z), (params, Z), (dp, dz))
+        defects = h + jh
+    f0, grad = jax.value_and_grad(merit, argnums=(0, 1))(params, Z, spec, x, y, Lam, sigma)
+    return StepModel(f0, optax.tree_utils.tree_norm(grad), pred, defects)
+
+
+def lm_iteration(params, Z, spec, x, y, Lam, sigma, damping, nu, opts: LMOptions) -> LMResult:
+    dp, dz = damped_step(params, Z, spec, x, y, Lam, sigma, damping, opts.state_damping_ratio * damping, opts)
+    f0, gnorm, pred, defects = _step_model(params, Z, spec, x, y, Lam, sigma, dp, dz, opts.rollout)
     p1, z1 = tree_add(params, dp), Z + dz
     f1 = merit(p1, z1, spec, x, y, Lam, sigma)
-    if opts.rollout:  # keep whichever trial point is lower
-        z2 = _rolled_out(params, Z, dp, dz, p1, spec, x)
+    if opts.rollout:
+        # The second trial point: the states rolled out through the new
+        # weights with the constraint values the model predicts,
+        # z_{a+1} = φ(W'_a z_a + b'_a) + h_a + J_h,a d. The penalty term
+        # (weight β) then carries no second-order error of φ, only the
+        # loss rows (weight 1) do: a second-order correction (Nocedal &
+        # Wright §15.6), and the way DDP rolls out its states.
+        z2 = forward_states_stacked(p1, spec, x, defects=defects)
         f2 = merit(p1, z2, spec, x, y, Lam, sigma)
         take = jnp.isfinite(f2) & ~(f2 >= f1)  # a NaN f1 loses to a finite f2
         z1, f1 = jnp.where(take, z2, z1), jnp.where(take, f2, f1)
     rho = (f0 - f1) / jnp.where(pred > 0, pred, 1)
-    ok = all_finite((dp, dz)) & jnp.isfinite(f1) & (pred > 0) & (rho > opts.accept_ratio)
+    # A non-finite step makes J d, hence pred, non-finite (0·inf is NaN in
+    # the products), and NaN > 0 is false: no separate test of d is needed.
+    ok = jnp.isfinite(f1) & (pred > 0) & (rho > opts.accept_ratio)
     new_damping, new_nu = nielsen(ok, rho, damping, nu, opts.damping_min, opts.damping_max)
     params = tree_where(ok, p1, params)
     Z = jnp.where(ok, z1, Z)
-    return LMResult(params, Z, new_damping, new_nu, ok, jnp.where(ok, f1, f0))
+    grad_norm = penalty_split(sigma)[0] * gnorm  # ∇L_σ = β∇f
+    return LMResult(params, Z, new_damping, new_nu, ok, jnp.where(ok, f1, f0), grad_norm)
 
 
 def _lm_solver(name, opts: LMOptions, init_damping, max_steps, rescale_damping) -> InnerSolver:
@@ -162,7 +174,7 @@ def _lm_solver(name, opts: LMOptions, init_damping, max_steps, rescale_damping) 
 
     def step(params, Z, s: LMState, pb: Problem):
         r = lm_iteration(params, Z, pb.spec, pb.x, pb.y, pb.multipliers, pb.sigma, s.damping, s.nu, opts)
-        return InnerResult(r.params, r.states, LMState(r.damping, r.nu, s.beta), r.accepted, r.damping)
+        return InnerResult(r.params, r.states, LMState(r.damping, r.nu, s.beta), r.accepted, r.damping, r.grad_norm)
 
     return InnerSolver(name, init, restart, step, max_steps)
 

@@ -41,6 +41,7 @@ class Linearisation(NamedTuple):
     zt_in: jnp.ndarray  # (m, kF) z̃_0
     zt_hid: jnp.ndarray  # (N-1, m, kH) z̃_1..z̃_{N-1}
     zt_out: jnp.ndarray  # (m, kO) z̃_N
+    loss: jnp.ndarray  # (m,) ℓ(ŷ_j, y_j) at the current outputs
 
 
 def _augment(z, use_bias):
@@ -90,4 +91,5 @@ def linearise(params: DenseParams, spec: ChainSpec, x, y, Z, Lam, sigma, beta=No
         zt_in=_augment(x, spec.use_bias),
         zt_hid=_augment(Z[:-1], spec.use_bias),
         zt_out=_augment(Z[-1], spec.use_final_bias),
+        loss=spec.loss.value(phio, y),
     )
