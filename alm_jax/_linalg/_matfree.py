@@ -8,7 +8,8 @@ Here S is only applied (DESIGN.md §4.4):
 where J_θ v and J_θᵀ w are the Kronecker forms of the dense layers (GEMMs over
 the sample axis) and H⁻¹ reuses the per-sample block factor. One product costs
 about two passes over the data; memory is O(P + m·N·n²), whatever P² is.
-The states then follow by the same back-substitution as in the exact step.
+The states follow as in the exact step, dZ = −H⁻¹J_uᵀ(r + J_θ dθ), with
+H⁻¹J_uᵀJ_θ dθ accumulated by CG from its products instead of another solve.
 
 CG (`pcg`) can be preconditioned (`precondition=True`, the inner `cg`'s
 default for an MLP) by per-layer Kronecker factors
