@@ -97,7 +97,8 @@ def pcg(apply, b, rtol, max_steps, precondition=None, has_aux=False):
     one = jnp.ones((), b.dtype)
     tx0 = None
     if has_aux:
-        tx0 = jnp.zeros(jax.eval_shape(lambda v: apply(v)[1], b).shape, b.dtype)
+        t_shape = jax.eval_shape(lambda v: apply(v)[1], b)
+        tx0 = jnp.zeros(t_shape.shape, t_shape.dtype)
     init = (jnp.zeros_like(b), b, jnp.zeros_like(b), one, jnp.full_like(b, jnp.inf), jnp.asarray(0, jnp.int32), tx0)
     x, *_, steps, tx = jax.lax.while_loop(cond, body, init)
     return (x, steps, tx) if has_aux else (x, steps)

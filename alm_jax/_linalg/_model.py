@@ -45,6 +45,7 @@ def step_model(lin: Linearisation, spec, Lam, sigma, dparams, dZ) -> StepModel:
     uh, uo = apply_ju(lin, dZ)
     jd_h, jd_o = wh + uh, wo + uo
     objective = jnp.sum(lin.loss) / beta + 0.5 * jnp.sum(lin.r_h * lin.r_h)
-    predicted = -(jnp.sum(lin.r_h * jd_h) + jnp.sum(lin.r_o * jd_o)) - 0.5 * (jnp.sum(jd_h * jd_h) + jnp.sum(jd_o * jd_o))
+    slope = jnp.sum(lin.r_h * jd_h) + jnp.sum(lin.r_o * jd_o)
+    predicted = -slope - 0.5 * (jnp.sum(jd_h * jd_h) + jnp.sum(jd_o * jd_o))
     gradient_norm = optax.tree_utils.tree_norm(residual_gradient(lin))
     return StepModel(objective, gradient_norm, predicted, (lin.r_h + jd_h) / lin.omega - Lam / sigma)
