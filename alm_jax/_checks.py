@@ -122,3 +122,16 @@ def check_choice(name: str, value, choices):
     if value not in choices:
         raise ValueError(f"{name}: unknown value {value!r}; choose one of {sorted(choices)}.")
     return value
+
+
+def check_solve_dtype(value):
+    """None, or float32/float64 given as a dtype or its name; returned as the name."""
+    if value is None:
+        return None
+    try:
+        name = np.dtype(value).name
+    except TypeError:
+        name = None
+    if name not in ("float32", "float64"):
+        raise ValueError(f"solve_dtype: expected None, float32 or float64, got {value!r}.")
+    return name

@@ -150,6 +150,17 @@ def test_matfree_step_converges_to_exact():
     assert errs[-1] <= 1e-9 and errs[-1] < errs[0], errs
 
 
+def test_layer_chain_solves_in_the_model_dtype():
+    """The default `cg` keeps a general layer chain's CG in its own dtype
+    (its layers are user code, not cast); asking for float32 says so."""
+    chain, states, lams, x, y = make_problem(CHAINS["mixed"], 3, 2, 9, seed=1)
+    state = alm_jax.alm().init(chain, x, y)
+    assert "f32[" not in str(jax.make_jaxpr(alm_jax.alm().update)(state, x, y))
+    solver = alm_jax.alm(solve_dtype="float32")
+    with pytest.raises(ValueError, match="solve_dtype=float32"):
+        solver.update(solver.init(chain, x, y), x, y)
+
+
 def test_forcing_gradient_of_a_layer_chain():
     """The forcing term's ∇f = Jᵀρ from the layer chain's linearisation equals
     jax.grad of ½‖lifted residual‖² (float64: 1e-12 of the largest entry)."""

@@ -202,19 +202,30 @@ def _preconditioner(spec, factors, m, mu):
     return apply
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "max_steps", "precondition"))
+@functools.partial(jax.jit, static_argnames=("spec", "max_steps", "precondition", "solve_dtype"))
 def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=None, max_steps=100,
-                 precondition=False, forcing_max=FORCING_MAX):
+                 precondition=False, forcing_max=FORCING_MAX, solve_dtype=None):
     """Inexact minimiser of ‖J d + r‖² + μ_w‖dθ‖² + μ_z‖dZ‖² by CG on the reduced system.
 
     CG stops at relative residual ≈ rtol (the norm-wise test of `pcg`)
     or after `max_steps` products; rtol None takes the forcing term
-    min(forcing_max, √‖∇f‖) (`forcing_term`).
+    min(forcing_max, √‖∇f‖) (`forcing_term`, from the model-dtype
+    linearisation). `solve_dtype` (None: the model's) is the dtype CG and
+    its products run in; the step is returned in the model's dtype.
 
     Returns:
         (dparams, dZ, cg_steps).
     """
     lin = linearise(params, spec, x, y, Z, Lam, sigma)
+    if rtol is None:
+        rtol = forcing_term(residual_gradient(lin), forcing_max)
+    if solve_dtype is not None and jnp.dtype(solve_dtype) != jnp.dtype(spec.dtype):
+        # Mixed precision: the step only has to reach the forcing term, far
+        # above float32's round-off, and the LM gain ratio is still computed
+        # in the model's dtype; float32 products ran ≈ 3× faster on XLA:CPU
+        # (benchmarks/RESULTS.md, Round 8).
+        lin = jax.tree_util.tree_map(lambda a: a.astype(solve_dtype), lin)
+        mu_w, mu_z, rtol = (jnp.asarray(v).astype(solve_dtype) for v in (mu_w, mu_z, rtol))
     elim = elimination(spec)
     fac = elim.factor(lin, mu_z)
     m = x.shape[0]
@@ -226,8 +237,6 @@ def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=
 
     (pr_h, pr_o), t_r = _project(lin, fac, elim, lin.r_h, lin.r_o)
     g = weight_vjp(lin, pr_h, pr_o)
-    if rtol is None:
-        rtol = forcing_term(residual_gradient(lin), forcing_max)
     pre = None
     if precondition:
         pre = _preconditioner(spec, _layer_factors(spec, lin, fac), m, mu_w)
@@ -235,4 +244,4 @@ def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=
     # with T = H⁻¹J_uᵀJ_θ, which every product S p already applies: CG
     # accumulates T dθ, and no further state solve is compiled or run.
     value, steps, t_d = pcg(s_apply, -g, rtol, max_steps, pre, has_aux=True)
-    return unflatten_weights(value, spec), -(t_r + t_d), steps
+    return unflatten_weights(value.astype(spec.dtype), spec), (-(t_r + t_d)).astype(spec.dtype), steps

@@ -4,6 +4,8 @@ chain (`_generic`)."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from .._layers import LayerSpec
 from . import _generic, _matfree, _schur
 
@@ -15,7 +17,7 @@ def structured_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, chunk=None):
 
 
 def matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=None, max_steps=100, precondition=False,
-                 forcing_max=_matfree.FORCING_MAX):
+                 forcing_max=_matfree.FORCING_MAX, solve_dtype=None):
     """CG on the reduced weight system: `(dparams, dZ, cg_steps)`.
 
     CG's tolerance is `rtol`, or if None the forcing term min(forcing_max, √‖∇f‖)
@@ -23,13 +25,20 @@ def matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=None, max_s
 
     `precondition=None` takes the Kronecker preconditioner where the model has
     its factors (an MLP's dense chain) and none for a general layer chain.
+    `solve_dtype` runs CG in another dtype than the model's (an MLP's dense
+    chain only; None: the model's).
     """
     if precondition is None:
         precondition = not isinstance(spec, LayerSpec)
+    if solve_dtype is not None:
+        solve_dtype = jnp.dtype(solve_dtype).name
     if isinstance(spec, LayerSpec):
         if precondition:
             raise ValueError("precondition: the Kronecker preconditioner needs an eqx.nn.MLP model.")
+        if solve_dtype is not None and solve_dtype != jnp.dtype(spec.dtype).name:
+            raise ValueError(f"solve_dtype={solve_dtype}: a general layer chain's CG runs in the model's dtype "
+                             f"({jnp.dtype(spec.dtype).name}); mixed precision needs an eqx.nn.MLP model.")
         return _generic.matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=max_steps,
                                      forcing_max=forcing_max)
     return _matfree.matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=max_steps,
-                                 precondition=precondition, forcing_max=forcing_max)
+                                 precondition=precondition, forcing_max=forcing_max, solve_dtype=solve_dtype)
