@@ -5,7 +5,7 @@ one hidden layer of 50 tanh units, the fixed splits (a few in quick mode, all
 20 with --full). Every method starts from the same initial weights and gets
 the same wall-clock budget, compilation included:
 
-* `alm`    — this library, `alm_jax.fit` (default options, or --policy);
+* `alm`    — this library, `alm_jax.fit` (default options, or --policy, --solve-dtype);
 * `optx_lm` — optimistix Levenberg–Marquardt on the residual (single shooting);
 * `lbfgs`  — optax.lbfgs with its zoom line search;
 * `adam`   — full-batch Adam, best of a learning-rate grid (by train MSE).
@@ -109,6 +109,8 @@ def main(argv=None, alm_variants=None):
     ap.add_argument("--budget", type=float, default=None, help="seconds per method and split")
     ap.add_argument("--methods", nargs="*", default=["alm", "optx_lm", "lbfgs", "adam"])
     ap.add_argument("--policy", default=None, help="ALM policy (default: the library's)")
+    ap.add_argument("--solve-dtype", default=None, choices=["float32", "float64"],
+                    help="the inner cg's CG dtype (default: the library's, the model's dtype)")
     ap.add_argument("--width", type=int, default=50)
     ap.add_argument("--depth", type=int, default=1)
     ap.add_argument("--model", choices=["mlp", "resnorm"], default="mlp",
@@ -125,10 +127,12 @@ def main(argv=None, alm_variants=None):
     meta = {"command": " ".join(["python"] + sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "device": str(jax.devices()[0]), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "float": "float64",
             "budget_s": budget, "splits": n_splits, "width": args.width, "depth": args.depth, "policy": args.policy,
+            "solve_dtype": args.solve_dtype,
             "model": args.model,
             "alm_variants": {k: repr(v) for k, v in (alm_variants or {}).items()}}
     print(f"# UCI suite: {n_splits} splits, {budget:g} s per method, {args.model} {args.depth}x{args.width} tanh, float64, "
           f"XLA_FLAGS={meta['XLA_FLAGS']!r}")
+    alm_options = {k: v for k, v in (("policy", args.policy), ("solve_dtype", args.solve_dtype)) if v is not None}
     results = {}
     for name in args.datasets:
         per_method = {m: {"train_mse": [], "test_rmse": [], "t_target": [], "curves": []} for m in args.methods}
@@ -146,7 +150,7 @@ def main(argv=None, alm_variants=None):
             for method in args.methods:
                 extra = None
                 if method == "alm":
-                    trained, times, mses = run_alm(model, x, y, budget, {} if args.policy is None else {"policy": args.policy})
+                    trained, times, mses = run_alm(model, x, y, budget, alm_options)
                 elif alm_variants and method in alm_variants:
                     trained, times, mses = run_alm(model, x, y, budget, alm_variants[method])
                 elif method == "adam":

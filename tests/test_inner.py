@@ -139,12 +139,12 @@ def _float32_ops(solver_options, model=None):
     return "f32[" in str(jaxpr)
 
 
-def test_cg_runs_in_float32_by_default_for_an_mlp():
-    """The default `cg` inner solver of a float64 MLP solves in float32;
-    `solve_dtype="float64"` and the exact `lm` step keep every operation in float64."""
-    assert _float32_ops({})
+def test_solve_dtype_sets_the_dtype_cg_runs_in():
+    """A float64 MLP's update has no float32 operation by default, and has
+    them with `solve_dtype="float32"` (the cast CG)."""
+    assert not _float32_ops({})
     assert not _float32_ops({"solve_dtype": "float64"})
-    assert not _float32_ops({"inner": "lm", "linear_solver": "cholesky"})
+    assert _float32_ops({"solve_dtype": "float32"})
 
 
 def test_bad_solve_dtype_raises():

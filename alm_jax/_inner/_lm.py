@@ -60,7 +60,7 @@ class LMOptions(NamedTuple):
     cg_forcing_max: float = FORCING_MAX
     cg_max_steps: int = 100
     precondition: bool | None = None  # None: the Kronecker preconditioner where the model allows it
-    solve_dtype: str | None = None  # CG's dtype; None: float32 for a dense chain, else the model's
+    solve_dtype: str | None = None  # CG's dtype; None: the model's
     rollout: bool = True
 
 
@@ -105,12 +105,9 @@ def damped_step(params, Z, spec, x, y, Lam, sigma, mu_w, mu_z, opts: LMOptions):
     if resolve_linear_solver(opts.linear_solver, spec) == "cholesky":
         return structured_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, opts.chunk_size)
     rtol = None if opts.cg_rtol is None else jnp.asarray(opts.cg_rtol, spec.dtype)
-    solve_dtype = opts.solve_dtype
-    if solve_dtype is None and not isinstance(spec, LayerSpec):
-        solve_dtype = "float32"
     dp, dz, _ = matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=opts.cg_max_steps,
                              precondition=opts.precondition, forcing_max=opts.cg_forcing_max,
-                             solve_dtype=solve_dtype)
+                             solve_dtype=opts.solve_dtype)
     return dp, dz
 
 
@@ -239,15 +236,15 @@ def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
     lineax's componentwise stopping test it raised the CG iterations 2–6×
     on UCI energy; under the norm-wise test it trained 0.59× as low on the
     six UCI sets at 10 s (yacht 0.06×) and 0.26× on 4×16 networks
-    (benchmarks/RESULTS.md). `solve_dtype` is the dtype CG runs in
-    (float32 or float64); None, the default, takes float32 for an
-    `eqx.nn.MLP` and the model's dtype for a general layer chain. The
-    step need only reach the forcing term, far above float32's round-off,
-    and its gain ratio is still judged in the model's dtype: with a
-    float64 model, float32 products ran ≈ 3× faster on XLA:CPU and trained
-    lower at equal time on the UCI sets (benchmarks/RESULTS.md, Round 8).
-    A user `rtol` below ≈ 1e-5 needs `solve_dtype` float64. The other
-    options are `lm`'s.
+    (benchmarks/RESULTS.md). `solve_dtype` (None: the model's dtype) runs
+    CG in another dtype; the forcing term, the gain ratio and the states
+    stay in the model's. With a float64 MLP, "float32" made CG products
+    2.3–2.4× faster on XLA:CPU and trained 2–4 % lower at equal time on UCI
+    kin8nm, power-plant, concrete and wine, but its step has a floor of
+    ≈ κ(S)·ε₃₂, and where the training error falls to 1e-7 (UCI yacht,
+    4×16 teacher–student) it trained 3–8× higher (benchmarks/RESULTS.md,
+    Round 8). A general layer chain's CG runs in the model's dtype only.
+    The other options are `lm`'s.
     """
     _, max_steps = _check_common(state_damping_ratio, init_damping, None, max_steps)
     solve_dtype = check_solve_dtype(solve_dtype)
