@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from .._checks import check_solve_dtype
 from .._layers import LayerSpec
 from . import _generic, _matfree, _schur
 
@@ -30,8 +31,7 @@ def matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=None, max_s
     """
     if precondition is None:
         precondition = not isinstance(spec, LayerSpec)
-    if solve_dtype is not None:
-        solve_dtype = jnp.dtype(solve_dtype).name
+    solve_dtype = check_solve_dtype(solve_dtype)
     if isinstance(spec, LayerSpec):
         if precondition:
             raise ValueError("precondition: the Kronecker preconditioner needs an eqx.nn.MLP model.")
