@@ -31,12 +31,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from . import _lifted
+from . import _lifted, _precision
 from ._models import to_chain, to_model
 from ._checks import check_int, check_positive, check_xy
 from ._inner import InnerSolver, Problem, get_inner
 from ._losses import get_loss
 from ._policies import Policy, get_policy
+from ._precision import check_matmul_precision
 
 
 # The penalty the forward-loss safeguard may raise σ to, past a policy's cap.
@@ -114,6 +115,7 @@ def alm(
     feasibility_tol: float = 1e-6,
     stationarity_tol: float = 1e-6,
     max_loss_gap: float | None = 1.0,
+    matmul_precision: str | None = _precision.DEFAULT,
     **inner_options,
 ) -> ALMSolver:
     """Augmented Lagrangian training of a lifted MLP.
@@ -153,6 +155,13 @@ def alm(
             network on UCI concrete otherwise drifted to a lifted loss of
             3e-4 while its forward-pass MSE rose to 4.7 (benchmarks/RESULTS.md).
             None turns the safeguard off.
+        matmul_precision: precision of the matrix products in `init` and
+            `update`, a `jax.default_matmul_precision` name. The default,
+            "highest", multiplies float32 in float32. On an H100, JAX's own
+            default (None here) multiplies float32 in TF32, and the float32
+            structured step then missed its accuracy bound κ·ε₃₂
+            (tests/test_float32.py). Float64 and CPU arithmetic are the same
+            either way.
         **inner_options: options of the named inner solver, e.g.
             `state_damping_ratio`, `init_damping`, `rtol` for "cg" or
             `chunk_size`, `linear_solver` for "lm" (see `alm_jax.inner`).
@@ -175,6 +184,7 @@ def alm(
     check_positive("stationarity_tol", stationarity_tol)
     if max_loss_gap is not None:
         check_positive("max_loss_gap", max_loss_gap, allow_zero=True)
+    check_matmul_precision(matmul_precision)
     bound = pol.multiplier_bound
 
     @functools.partial(jax.jit, static_argnums=3)
@@ -191,7 +201,8 @@ def alm(
         params, spec = to_chain(model, x)
         spec = dataclasses.replace(spec, loss=loss_fn)
         x, y = check_xy(spec, x, y)
-        Z, Lam, pstate, istate = _start(params, x, y, spec)
+        with _precision.matmul_precision(matmul_precision):
+            Z, Lam, pstate, istate = _start(params, x, y, spec)
         zero = jnp.asarray(0, jnp.int32)
         return ALMState(
             params=params, states=Z, multipliers=Lam, policy=pstate, inner=istate,
@@ -199,6 +210,10 @@ def alm(
         )
 
     def update(state: ALMState, x, y) -> tuple[ALMState, ALMInfo]:
+        with _precision.matmul_precision(matmul_precision):
+            return _update(state, x, y)
+
+    def _update(state: ALMState, x, y) -> tuple[ALMState, ALMInfo]:
         spec = state.spec
         x, y = check_xy(spec, x, y)
         Lam, sigma = state.multipliers, state.policy.sigma

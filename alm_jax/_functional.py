@@ -14,11 +14,12 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from . import _lifted
+from . import _lifted, _precision
 from ._models import to_chain, to_filtered, unstack_states
 from ._checks import check_positive, check_states, check_xy
 from ._linalg import structured_step
 from ._losses import get_loss
+from ._precision import check_matmul_precision
 
 
 def forward_states(model, x: Float[Array, "m nx"]) -> tuple[Float[Array, "m n"], ...]:
@@ -78,7 +79,7 @@ def augmented_lagrangian_grad(model, states, multipliers, x, y, beta, *, loss="s
 
 
 def lm_step(model, states, multipliers, x, y, beta, damping, *, state_damping=None, chunk_size=None,
-            loss="squared"):
+            loss="squared", matmul_precision=_precision.DEFAULT):
     """Exact Levenberg–Marquardt step of the lifted least-squares problem.
 
     Returns the minimiser `d = (dmodel, dstates)` of
@@ -100,6 +101,8 @@ def lm_step(model, states, multipliers, x, y, beta, damping, *, state_damping=No
         state_damping: state damping μ_z ≥ 0 (default: `damping`).
         chunk_size: samples per assembly chunk (default: chosen from the sizes).
         loss: "squared" or "softmax_cross_entropy" (the GGN step), or a `Loss`.
+        matmul_precision: precision of the matrix products (as in `alm`):
+            "highest" by default, None for JAX's own setting.
 
     Returns:
         `(dmodel, dstates)`: `dmodel` shaped like
@@ -110,21 +113,24 @@ def lm_step(model, states, multipliers, x, y, beta, damping, *, state_damping=No
     if state_damping is None:
         state_damping = damping
     check_positive("state_damping", state_damping, allow_zero=True)
-    dparams, dZ = structured_step(
-        params, spec, x, y, Z, Lam, beta,
-        jnp.asarray(damping, spec.dtype), jnp.asarray(state_damping, spec.dtype), chunk_size,
-    )
+    with _precision.matmul_precision(check_matmul_precision(matmul_precision)):
+        dparams, dZ = structured_step(
+            params, spec, x, y, Z, Lam, beta,
+            jnp.asarray(damping, spec.dtype), jnp.asarray(state_damping, spec.dtype), chunk_size,
+        )
     return to_filtered(dparams, spec), unstack_states(spec, dZ)
 
 
-def dense_lm_step(model, states, multipliers, x, y, beta, damping, *, state_damping=None, loss="squared"):
+def dense_lm_step(model, states, multipliers, x, y, beta, damping, *, state_damping=None, loss="squared",
+                  matmul_precision=_precision.DEFAULT):
     """Reference for `lm_step` by a dense `lstsq` of the full lifted Jacobian (tiny problems only)."""
     from ._linalg import dense_step
 
     params, spec, x, y, Z, Lam, beta = _prepare(model, states, multipliers, x, y, beta, loss)
     if state_damping is None:
         state_damping = damping
-    dparams, dZ = dense_step(params, spec, x, y, Z, Lam, beta, damping, state_damping)
+    with _precision.matmul_precision(check_matmul_precision(matmul_precision)):
+        dparams, dZ = dense_step(params, spec, x, y, Z, Lam, beta, damping, state_damping)
     return to_filtered(dparams, spec), unstack_states(spec, dZ)
 
 

@@ -52,6 +52,11 @@ def test_lm_step_rejects(prob, over, exc, name):
         call_step(prob, **over)
 
 
+def test_lm_step_rejects_bad_matmul_precision(prob):
+    with pytest.raises(ValueError, match="matmul_precision"):
+        call_step(prob, matmul_precision="fastest")
+
+
 def test_state_damping_negative(prob):
     with pytest.raises(ValueError, match="state_damping"):
         call_step(prob, state_damping=-1.0)
@@ -86,6 +91,7 @@ BAD_SOLVER_OPTIONS = [
     ({"stationarity_tol": float("inf")}, ValueError, "stationarity_tol"),
     ({"inner": "lm", "chunk_size": 0}, ValueError, "chunk_size"),
     ({"chunk_size": 64}, TypeError, "chunk_size"),  # the default inner solver "cg" has no chunks
+    ({"matmul_precision": "fp32"}, ValueError, "matmul_precision"),
 ]
 
 

@@ -1,5 +1,7 @@
 """float32 accuracy of the exact structured step, against the float64 step."""
 
+import re
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -72,3 +74,48 @@ def test_float32_singular_system_gives_finite_descent_step():
     scaled = jax.tree_util.tree_map(lambda a: t * a, dmodel)
     moved = tuple(s + t * ds for s, ds in zip(p.states, dstates))
     assert objective(alm_jax.apply_updates(p.model, scaled), moved) < objective(p.model, p.states)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_solve_spd_survives_a_round_off_indefinite_system(seed):
+    """A rank-deficient S ⪰ 0 in float32 with symmetric relative errors of
+    1e-3 (what TF32 products leave; a float32 S assembled on an H100 had a
+    diagonal entry of -6e-5) is indefinite: Cholesky breaks down, and a
+    single retry at √ε failed on all of 40 such matrices. The escalating
+    shifts must give a finite descent direction."""
+    from alm_jax._linalg._schur import solve_spd
+
+    rng = np.random.default_rng(seed)
+    g_fac = rng.normal(size=(30, 10)) * np.logspace(-3, 1, 30)[:, None]
+    s = g_fac @ g_fac.T
+    sd = np.sqrt(np.diag(s))
+    e = rng.normal(size=s.shape)
+    s = jnp.asarray(s + 1e-3 * sd[:, None] * sd[None, :] * (e + e.T) / 2, jnp.float32)
+    g = jnp.asarray(g_fac @ rng.normal(size=10), jnp.float32)
+    scaled = s / jnp.sqrt(jnp.abs(jnp.diagonal(s)))[:, None] / jnp.sqrt(jnp.abs(jnp.diagonal(s)))[None, :]
+    assert not bool(jnp.all(jnp.isfinite(jnp.linalg.cholesky(scaled))))  # the retries are exercised
+    x = solve_spd(s, g, jnp.zeros((), jnp.float32))
+    assert bool(jnp.all(jnp.isfinite(x)))
+    assert float(g @ x) > 0
+
+
+def _dot_precisions(fn, *args):
+    text = str(jax.make_jaxpr(fn)(*args))
+    return text.count("dot_general["), set(re.findall(r"precision=(\([^)]*\))", text))
+
+
+@pytest.mark.parametrize("inner", ["cg", "lm"])
+def test_solver_multiplies_in_full_precision(inner):
+    """On GPUs JAX multiplies float32 in TF32 unless told otherwise; with TF32
+    the float32 structured step missed its κ·ε₃₂ bound on an H100. Every
+    product the update traces must carry HIGHEST by default, none with
+    matmul_precision=None."""
+    p = _cast(make_problem(depth=2, width=4, n_out=1, m=10, seed=0))
+    for precision, expected in (("highest", {"(Precision.HIGHEST, Precision.HIGHEST)"}), (None, set())):
+        solver = alm_jax.alm(inner=inner, matmul_precision=precision)
+        state = solver.init(p.model, p.x, p.y)
+        count, found = _dot_precisions(solver.update, state, p.x, p.y)
+        assert count > 10 and found == expected
+    step = lambda states, lam, x, y: alm_jax.lm_step(p.model, states, lam, x, y, 2.0, 1e-2)  # noqa: E731
+    count, found = _dot_precisions(step, p.states, p.multipliers, p.x, p.y)
+    assert count > 10 and found == {"(Precision.HIGHEST, Precision.HIGHEST)"}

@@ -259,25 +259,50 @@ def weight_jvp(lin: Linearisation, dtheta: DenseParams, spec: ChainSpec):
     return lin.c_h * s_h, jnp.einsum("mab,mb->ma", lin.c_o, lin.zt_out @ t_out.T)
 
 
+# Shifts τ = √ε·10^k, k < 8; should all fail, the step is the limit of the
+# shifted solve, b/τ (a scaled gradient step).
+_SHIFT_RETRIES = 8
+
+
 def solve_spd(s_mat, g, mu):
     """(S + μI)⁻¹ g for symmetric S ⪰ 0, robust in float32.
 
     Three remedies (Higham, *Accuracy and Stability of Numerical Algorithms*,
     §10.3 and §12.1): symmetric diagonal scaling to unit diagonal; when the
     Cholesky factorisation breaks down (round-off makes a singular S look
-    indefinite), a retry with jitter √ε on the scaled diagonal; and one step
-    of iterative refinement.
+    indefinite), retries with a shift τ on the scaled diagonal, τ = √ε and
+    then ten times larger each time until the solve is finite (Nocedal &
+    Wright, *Numerical Optimization*, Alg. 3.3); and one step of iterative
+    refinement. A step from a shifted factor is a damped step, still a
+    descent direction; past the last shift, the scaled gradient.
     """
     diag = jnp.diagonal(s_mat) + mu
     d = jnp.where(diag > 0, 1 / jnp.sqrt(jnp.where(diag > 0, diag, 1)), 1)
     a = d[:, None] * s_mat * d[None, :] + jnp.diag(mu * d * d)
-    chol = jnp.linalg.cholesky(a)
-    eye = jnp.eye(a.shape[0], dtype=a.dtype)
-    jitter = jnp.sqrt(jnp.finfo(a.dtype).eps)
-    chol = jax.lax.cond(jnp.all(jnp.isfinite(chol)), lambda: chol, lambda: jnp.linalg.cholesky(a + jitter * eye))
     b = d * g
-    xs = cho_solve((chol, True), b)
-    xs = xs + cho_solve((chol, True), b - a @ xs)
+
+    def solve(shift):
+        chol = jnp.linalg.cholesky(a + shift * jnp.eye(a.shape[0], dtype=a.dtype))
+        xs = cho_solve((chol, True), b)
+        return xs + cho_solve((chol, True), b - a @ xs)
+
+    # Breakdown is judged on the solution rather than the factor, which also
+    # catches a finite factor whose vanishing pivot makes the solve overflow.
+    # A float32 S assembled on an H100 had a diagonal entry of -6e-5 where
+    # the CPU's was +2e-5; one retry at √ε left that solve NaN.
+    jitter = jnp.sqrt(jnp.finfo(a.dtype).eps)
+    ten = jnp.asarray(10, a.dtype)
+
+    def failed(carry):
+        k, xs = carry
+        return (k < _SHIFT_RETRIES) & ~jnp.all(jnp.isfinite(xs))
+
+    def retry(carry):
+        k, _ = carry
+        return k + 1, solve(jitter * ten ** k.astype(a.dtype))
+
+    _, xs = jax.lax.while_loop(failed, retry, (jnp.asarray(0, jnp.int32), solve(jnp.zeros((), a.dtype))))
+    xs = jnp.where(jnp.all(jnp.isfinite(xs)), xs, b / (jitter * ten**_SHIFT_RETRIES))
     return d * xs
 
 
