@@ -354,7 +354,9 @@ def test_auto_goes_matrix_free_when_the_reduced_system_does_not_fit(monkeypatch)
     pb = make_problem(depth=2, width=4, m=10)
     _, spec = mlp_to_chain(pb.model)
     assert resolve_linear_solver("auto", spec) == "cholesky"
-    monkeypatch.setattr(_matfree, "_EXPLICIT_BYTES_CPU", 8 * 10)  # smaller than any P × P
+    # Budgets smaller than any P × P, on CPU and on an accelerator:
+    monkeypatch.setattr(_matfree, "_EXPLICIT_BYTES_CPU", 8 * 10)
+    monkeypatch.setattr(_matfree, "_EXPLICIT_FRACTION_ACCEL", 0.0)
     assert resolve_linear_solver("auto", spec) == "cg"
     runs = [alm_jax.fit(pb.model, pb.x, pb.y, max_steps=4, progress=False, inner="lm", linear_solver=ls).history.mse
             for ls in ("auto", "cg")]
