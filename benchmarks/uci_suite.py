@@ -5,7 +5,7 @@ one hidden layer of 50 tanh units, the fixed splits (a few in quick mode, all
 20 with --full). Every method starts from the same initial weights and gets
 the same wall-clock budget, compilation included:
 
-* `alm`    — this library, `alm_jax.fit` (default options, or --policy, --solve-dtype);
+* `alm`    — this library, `alm_jax.fit` (default options, or --policy, --solve-dtype, --matmul-precision);
 * `optx_lm` — optimistix Levenberg–Marquardt on the residual (single shooting);
 * `lbfgs`  — optax.lbfgs with its zoom line search;
 * `adam`   — full-batch Adam, best of a learning-rate grid (by train MSE).
@@ -111,6 +111,10 @@ def main(argv=None, alm_variants=None):
     ap.add_argument("--policy", default=None, help="ALM policy (default: the library's)")
     ap.add_argument("--solve-dtype", default=None, choices=["float32", "float64"],
                     help="the inner cg's CG dtype (default: the library's, the model's dtype)")
+    ap.add_argument("--dtype", default="float64", choices=["float32", "float64"],
+                    help="the models' and data's dtype (float32: JAX's x64 mode stays off)")
+    ap.add_argument("--matmul-precision", default=None,
+                    help="ALM's matmul_precision (default: the library's, 'highest'); 'none' for JAX's own")
     ap.add_argument("--width", type=int, default=50)
     ap.add_argument("--depth", type=int, default=1)
     ap.add_argument("--model", choices=["mlp", "resnorm"], default="mlp",
@@ -119,20 +123,22 @@ def main(argv=None, alm_variants=None):
     ap.add_argument("--target", type=float, default=0.05, help="train MSE (standardised) for time-to-target")
     ap.add_argument("--out", default="benchmarks/out/uci")
     args = ap.parse_args(argv)
-    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_enable_x64", args.dtype == "float64")
     n_splits = args.splits or (20 if args.full else 2)
     budget = args.budget or (60.0 if args.full else 10.0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"command": " ".join(["python"] + sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "device": str(jax.devices()[0]), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "float": "float64",
+            "device": str(jax.devices()[0]), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "float": args.dtype,
             "budget_s": budget, "splits": n_splits, "width": args.width, "depth": args.depth, "policy": args.policy,
-            "solve_dtype": args.solve_dtype,
+            "solve_dtype": args.solve_dtype, "matmul_precision": args.matmul_precision,
             "model": args.model,
             "alm_variants": {k: repr(v) for k, v in (alm_variants or {}).items()}}
-    print(f"# UCI suite: {n_splits} splits, {budget:g} s per method, {args.model} {args.depth}x{args.width} tanh, float64, "
+    print(f"# UCI suite: {n_splits} splits, {budget:g} s per method, {args.model} {args.depth}x{args.width} tanh, {args.dtype}, "
           f"XLA_FLAGS={meta['XLA_FLAGS']!r}")
     alm_options = {k: v for k, v in (("policy", args.policy), ("solve_dtype", args.solve_dtype)) if v is not None}
+    if args.matmul_precision is not None:
+        alm_options["matmul_precision"] = None if args.matmul_precision.lower() == "none" else args.matmul_precision
     results = {}
     for name in args.datasets:
         per_method = {m: {"train_mse": [], "test_rmse": [], "t_target": [], "curves": []} for m in args.methods}
