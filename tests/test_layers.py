@@ -116,7 +116,7 @@ CASES = [
     ("widths-change", 2, 2, 6, 1e-3, 1e-6, None, "squared", ()),
     ("residual", 3, 2, 8, 1e-2, 0.0, 3, "squared", SLOW),  # test_step_with_per_constraint_penalties covers it
     ("layernorm", 4, 1, 6, 1e-1, 1e-4, None, "squared", SLOW),
-    ("mixed", 3, 2, 7, 1e-2, 1e-3, 2, "squared", ()),
+    ("mixed", 3, 2, 7, 1e-2, 1e-3, 2, "squared", SLOW),  # the chain: next row; chunks: per_constraint[2000]
     ("mixed", 2, 3, 6, 1e-2, 1e-2, None, "softmax_cross_entropy", ()),
 ]
 
@@ -176,7 +176,7 @@ def test_forcing_gradient_of_a_layer_chain():
     np.testing.assert_allclose(g_z, want_z[0], rtol=0, atol=1e-12 * float(jnp.max(jnp.abs(g_z))))
 
 
-@pytest.mark.parametrize("budget", [None, 2000])
+@pytest.mark.parametrize("budget", [pytest.param(None, marks=SLOW), 2000])  # 2000 runs the same problem chunked
 def test_step_with_per_constraint_penalties(budget, monkeypatch):
     """σ one value per constraint (ω ≠ 1 in every row factor, also in the dense layers' Kronecker
     blocks), a bias-free dense layer, and dense layers on both sides of a non-dense one: the exact

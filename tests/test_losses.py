@@ -71,7 +71,7 @@ CASES = [
     (1, 4, 3, 2, 7, True, 1e-2, 1e-2, None),
     pytest.param((1, 5, 2, 4, 9, True, 1e-3, 1e-8, None), marks=SLOW),
     pytest.param((2, 4, 3, 3, 6, False, 1e-2, 1e-3, None), marks=SLOW),
-    (2, 3, 4, 5, 8, True, 1e-1, 0.0, 3),
+    pytest.param((2, 3, 4, 5, 8, True, 1e-1, 0.0, 3), marks=SLOW),  # chunked sweeps: the depth-4 row
     pytest.param((3, 4, 2, 3, 7, True, 1e-2, 1e-4, None), marks=SLOW),
     (4, 3, 3, 2, 6, True, 1e-3, 1e-2, 2),
 ]
