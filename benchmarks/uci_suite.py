@@ -177,13 +177,17 @@ def main(argv=None, alm_variants=None):
                 rec["curves"].append({"time": [float(t) for t in times], "mse": [float(v) for v in mses],
                                       "adam_lr": extra})
         results[name] = per_method
-        print(f"\n{name}: train MSE (standardised) | test RMSE (data units) | median s to train MSE ≤ {args.target:g}")
+        print(f"\n{name}: train MSE (standardised) | test RMSE (data units) | median s to train MSE ≤ {args.target:g}"
+              " | records (ALM: updates) and s to the first, medians (worst split's train MSE)")
         for method, rec in per_method.items():
             tr, te = np.asarray(rec["train_mse"]), np.asarray(rec["test_rmse"])
             se = lambda a: a.std(ddof=1) / np.sqrt(len(a)) if len(a) > 1 else 0.0
             hits = [t for t in rec["t_target"] if t is not None]
             tt = f"{np.median(hits):6.2f}" if len(hits) == len(rec["t_target"]) else f"{len(hits)}/{len(rec['t_target'])} reached"
-            print(f"  {method:14s} {tr.mean():.3e} ± {se(tr):.1e} | {te.mean():.4g} ± {se(te):.2g} | {tt}")
+            steps = np.median([len(c["time"]) for c in rec["curves"]])
+            first = np.median([c["time"][0] if c["time"] else np.nan for c in rec["curves"]])
+            print(f"  {method:14s} {tr.mean():.3e} ± {se(tr):.1e} | {te.mean():.4g} ± {se(te):.2g} | {tt} | "
+                  f"{steps:.0f}, {first:.2f} s ({tr.max():.2e})")
         plot_curves(per_method, out / f"{name}.png", f"{name}, split 0")
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(f"\n# wrote {out}/results.json and one PNG per data set")

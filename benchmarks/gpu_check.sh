@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU checks a session with a lent device should run first, in one call
+# of under 10 minutes (RESULTS.md, Round 9, lists what is open): the float32
+# accuracy and singular-system tests, float32 kin8nm with ALM's products at
+# "highest" and at JAX's default (one split did not train with "highest"),
+# and the step's scale. From the repository root:
+#
+#     OUT=<folder> bash benchmarks/gpu_check.sh        # QUICK=1: a smoke run on any machine
+#
+# Writes logs and JSON under $OUT (default benchmarks/out/gpu_check), at most
+# eight files, and prints the tables last.
+set -uo pipefail
+out=${OUT:-benchmarks/out/gpu_check}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+if [ "${QUICK:-0}" = 1 ]; then splits=1 budget=6 scale="--quick"; else
+  splits=2 budget=10 scale="--arch 1x50 2x64 --m 30000 100000 300000"; fi
+
+timeout 180 "$py" -m pytest -q -p no:cacheprovider --tb=short -rf \
+  -k "float32 or singular or auto_goes or precision or spd" \
+  tests/test_structured_step.py tests/test_inner.py tests/test_float32.py > "$out/tests.log" 2>&1
+for prec in highest none; do
+  timeout 100 "$py" benchmarks/uci_suite.py --datasets kin8nm --splits "$splits" --budget "$budget" \
+    --dtype float32 --methods alm --matmul-precision "$prec" --out "$out/kin8nm_$prec" > "$out/kin8nm_$prec.log" 2>&1
+done
+timeout 150 "$py" benchmarks/scale.py $scale --out "$out/scale.json" > "$out/scale.log" 2>&1
+rm -f "$out"/*/*.png
+
+tail -n 4 "$out/tests.log"
+for prec in highest none; do echo "== matmul_precision=$prec"; grep -A2 "^kin8nm" "$out/kin8nm_$prec.log"; done
+cat "$out/scale.log"
