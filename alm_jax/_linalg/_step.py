@@ -32,10 +32,12 @@ def matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=None, max_s
     if precondition is None:
         precondition = not isinstance(spec, LayerSpec)
     solve_dtype = check_solve_dtype(solve_dtype)
+    if solve_dtype == jnp.dtype(spec.dtype).name:
+        solve_dtype = None  # the model's own: the same program, compiled once
     if isinstance(spec, LayerSpec):
         if precondition:
             raise ValueError("precondition: the Kronecker preconditioner needs an eqx.nn.MLP model.")
-        if solve_dtype is not None and solve_dtype != jnp.dtype(spec.dtype).name:
+        if solve_dtype is not None:
             raise ValueError(f"solve_dtype={solve_dtype}: a general layer chain's CG runs in the model's dtype "
                              f"({jnp.dtype(spec.dtype).name}); mixed precision needs an eqx.nn.MLP model.")
         return _generic.matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=max_steps,
