@@ -37,7 +37,6 @@ from ._checks import check_int, check_positive, check_xy
 from ._inner import InnerSolver, Problem, get_inner
 from ._losses import get_loss
 from ._policies import Policy, get_policy
-from ._precision import check_matmul_precision
 
 
 # The penalty the forward-loss safeguard may raise σ to, past a policy's cap.
@@ -184,7 +183,7 @@ def alm(
     check_positive("stationarity_tol", stationarity_tol)
     if max_loss_gap is not None:
         check_positive("max_loss_gap", max_loss_gap, allow_zero=True)
-    check_matmul_precision(matmul_precision)
+    _precision.check_matmul_precision(matmul_precision)
     bound = pol.multiplier_bound
 
     @functools.partial(jax.jit, static_argnums=3)

@@ -19,7 +19,6 @@ from ._models import to_chain, to_filtered, unstack_states
 from ._checks import check_positive, check_states, check_xy
 from ._linalg import structured_step
 from ._losses import get_loss
-from ._precision import check_matmul_precision
 
 
 def forward_states(model, x: Float[Array, "m nx"]) -> tuple[Float[Array, "m n"], ...]:
@@ -113,7 +112,7 @@ def lm_step(model, states, multipliers, x, y, beta, damping, *, state_damping=No
     if state_damping is None:
         state_damping = damping
     check_positive("state_damping", state_damping, allow_zero=True)
-    with _precision.matmul_precision(check_matmul_precision(matmul_precision)):
+    with _precision.matmul_precision(matmul_precision):
         dparams, dZ = structured_step(
             params, spec, x, y, Z, Lam, beta,
             jnp.asarray(damping, spec.dtype), jnp.asarray(state_damping, spec.dtype), chunk_size,
@@ -129,7 +128,7 @@ def dense_lm_step(model, states, multipliers, x, y, beta, damping, *, state_damp
     params, spec, x, y, Z, Lam, beta = _prepare(model, states, multipliers, x, y, beta, loss)
     if state_damping is None:
         state_damping = damping
-    with _precision.matmul_precision(check_matmul_precision(matmul_precision)):
+    with _precision.matmul_precision(matmul_precision):
         dparams, dZ = dense_step(params, spec, x, y, Z, Lam, beta, damping, state_damping)
     return to_filtered(dparams, spec), unstack_states(spec, dZ)
 

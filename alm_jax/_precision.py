@@ -32,5 +32,9 @@ def check_matmul_precision(value):
 
 
 def matmul_precision(value):
-    """Context in which the solver's products are traced; None leaves JAX's setting."""
+    """Context in which the solver's products are traced; None leaves JAX's setting.
+
+    Validates `value` as `check_matmul_precision` does.
+    """
+    value = check_matmul_precision(value)
     return contextlib.nullcontext() if value is None else jax.default_matmul_precision(value)
