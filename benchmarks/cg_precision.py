@@ -5,8 +5,8 @@ at the first ALM iterate: the setup (linearisation, per-sample factors,
 preconditioner, right-hand side) and the cost per CG product, from the
 times of a step capped at 1 and at `1 + --products` CG steps (rtol 1e-30,
 so the cap ends CG), minimum over `--reps` calls of the jitted step.
-float32 is `solve_dtype="float32"`, the inner `cg`'s default for an MLP
-(RESULTS.md, Round 8).
+float32 is `solve_dtype="float32"`, an option of the inner `cg` for an MLP,
+not its default (RESULTS.md, Round 8).
 
     python benchmarks/cg_precision.py
     python benchmarks/cg_precision.py --nets kin8nm:1:50 concrete:4:16 --json out.json

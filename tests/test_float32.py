@@ -92,7 +92,8 @@ def test_solve_spd_survives_a_round_off_indefinite_system(seed):
     e = rng.normal(size=s.shape)
     s = jnp.asarray(s + 1e-3 * sd[:, None] * sd[None, :] * (e + e.T) / 2, jnp.float32)
     g = jnp.asarray(g_fac @ rng.normal(size=10), jnp.float32)
-    scaled = s / jnp.sqrt(jnp.abs(jnp.diagonal(s)))[:, None] / jnp.sqrt(jnp.abs(jnp.diagonal(s)))[None, :]
+    d = 1 / jnp.sqrt(jnp.abs(jnp.diagonal(s)))
+    scaled = d[:, None] * s * d[None, :]
     assert not bool(jnp.all(jnp.isfinite(jnp.linalg.cholesky(scaled))))  # the retries are exercised
     x = solve_spd(s, g, jnp.zeros((), jnp.float32))
     assert bool(jnp.all(jnp.isfinite(x)))
