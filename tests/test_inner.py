@@ -62,8 +62,11 @@ def _run(solver, params, Z, p, steps):
     return params, Z, np.concatenate([[f0], np.asarray(objs)])
 
 
-@pytest.mark.parametrize("shape", sorted(SHAPES))
-@pytest.mark.parametrize("name", NAMES)
+# The second-order solvers on every shape; the others on the depth-3 one (their
+# code does not branch on depth or loss), to hold the default run's time.
+@pytest.mark.parametrize("name,shape", [
+    pytest.param(n, s, marks=() if n in ("lm", "cg") or s == "depth3" else pytest.mark.slow)
+    for n in NAMES for s in sorted(SHAPES)])
 def test_decreases_subproblem_objective(name, shape):
     """From a fixed infeasible start with nonzero λ, L_σ never increases for the
     monotone solvers (all but Adam) and falls by over 10 % in 20 iterations."""
@@ -296,7 +299,8 @@ def test_apply_ju_is_adjoint_of_apply_jut():
     np.testing.assert_allclose(jnp.sum(ju_h * e_h) + jnp.sum(ju_o * e_o), jnp.sum(u * jt), rtol=1e-13)
 
 
-@pytest.mark.parametrize("inner", ["gn", inner_lib.cg(rtol=1e-8), inner_lib.bcd(), "lbfgs"])
+@pytest.mark.parametrize("inner", ["gn", inner_lib.cg(rtol=1e-8), pytest.param(inner_lib.bcd(), marks=pytest.mark.slow),
+                                   pytest.param("lbfgs", marks=pytest.mark.slow)])  # both: test_decreases_…
 def test_fit_selects_inner_solver(inner):
     pb = make_problem(depth=2, width=6, n_out=1, m=30, seed=4)
     name = inner if isinstance(inner, str) else inner.name
@@ -311,6 +315,7 @@ def test_fit_selects_inner_solver(inner):
     assert res.history.mse[-1] < factor * res.history.mse[0]
 
 
+@pytest.mark.slow  # the choice itself: test_auto_goes_matrix_free_…
 def test_lm_auto_matches_cholesky_on_small_problem():
     pb = make_problem(depth=2, width=4, m=10)
     runs = [alm_jax.fit(pb.model, pb.x, pb.y, max_steps=5, progress=False, inner="lm", linear_solver=ls).history.mse

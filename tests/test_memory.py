@@ -26,7 +26,7 @@ def _temp_bytes(m, depth, width, chunk):
     return analysis.temp_size_in_bytes
 
 
-@pytest.mark.parametrize("depth", [1, 3])
+@pytest.mark.parametrize("depth", [pytest.param(1, marks=pytest.mark.slow), 3])  # 3 also sweeps
 def test_explicit_step_memory_grows_only_like_the_states(depth):
     """With a fixed chunk, the step's scratch memory per extra sample is a few
     state-sized vectors (N·n floats each), far below the N·n² of per-sample
