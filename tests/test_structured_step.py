@@ -76,9 +76,10 @@ CASES = [
 # Kept out of the default run for its ~10 min, each covered by a neighbour:
 # plain tanh rows of depth 1 to 4 (the chunked, bias-free and other-activation
 # rows of each depth stay), a depth-2 sigmoid row (sigmoid: row 14), a
-# bias-free depth-3 softplus row (softplus: 2, bias-free: 1 and 13), a small
-# penalty (row 18: a large one).
-_SLOW_ROWS = {0, 3, 4, 7, 8, 12, 19}
+# bias-free depth-3 softplus row (softplus: 2, bias-free: 1 and 13), a
+# depth-3 scan row (scan: 14), a depth-4 sin row with a final tanh (sin: 5,
+# a final activation: 20), a small penalty (row 18: a large one).
+_SLOW_ROWS = {0, 3, 4, 7, 8, 9, 12, 15, 19}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=f"case{i}", marks=pytest.mark.slow if i in _SLOW_ROWS else ())
