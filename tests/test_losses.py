@@ -69,7 +69,7 @@ def _dense_ggn_step(prob, y, beta, mu_w, mu_z):
 SLOW = pytest.mark.slow  # kept out of the default run to hold it under ~10 minutes
 CASES = [
     # depth, width, n_in, n_out, m, bias, mu_w, mu_z, chunk
-    pytest.param((1, 4, 3, 2, 7, True, 1e-2, 1e-2, None), marks=SLOW),  # case5 and test_layers' softmax row
+    (1, 4, 3, 2, 7, True, 1e-2, 1e-2, None),  # the one-hidden-layer closed form's GGN step
     pytest.param((1, 5, 2, 4, 9, True, 1e-3, 1e-8, None), marks=SLOW),
     pytest.param((2, 4, 3, 3, 6, False, 1e-2, 1e-3, None), marks=SLOW),
     pytest.param((2, 3, 4, 5, 8, True, 1e-1, 0.0, 3), marks=SLOW),  # chunked sweeps: the depth-4 row
