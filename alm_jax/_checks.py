@@ -32,8 +32,17 @@ def _as_float_array(name: str, a, dtype):
     return jnp.asarray(a, dtype=dtype)
 
 
+def _all_finite(a) -> bool:
+    # On the host in NumPy: eagerly, jnp.isfinite and its reduction compiled
+    # for every new shape (0.26 s of a 0.6 s `init` on UCI kin8nm). Only
+    # data on an accelerator is tested where it lives, not copied back.
+    if isinstance(a, jax.Array) and any(d.platform != "cpu" for d in a.devices()):
+        return bool(jnp.all(jnp.isfinite(a)))
+    return bool(np.isfinite(np.asarray(a)).all())
+
+
 def _check_finite(name: str, a):
-    if _is_concrete(a) and not bool(jnp.all(jnp.isfinite(a))):
+    if _is_concrete(a) and not _all_finite(a):
         raise ValueError(f"{name}: contains NaN or infinite values.")
 
 
