@@ -41,6 +41,8 @@ from ._policies import Policy, get_policy
 
 # The penalty the forward-loss safeguard may raise σ to, past a policy's cap.
 _SIGMA_CEILING = 1e12
+# The penalty the stall safeguard (`alm`'s `max_stall`) may raise σ to.
+_STALL_CEILING = 1e6
 
 
 class ALMState(eqx.Module):
@@ -55,6 +57,8 @@ class ALMState(eqx.Module):
     outer_step: jax.Array  # completed outer iterations
     step: jax.Array  # total update calls
     converged: jax.Array
+    best_loss: jax.Array  # the least Σℓ of the forward pass at the end of a subproblem
+    stall: jax.Array  # subproblems since `best_loss` last fell
     spec: Any = eqx.field(static=True)  # ChainSpec or LayerSpec
 
     @property
@@ -105,6 +109,17 @@ def safeguard_penalty(sigma_new, sigma_old, loss_forward, loss_lifted, max_gap):
     return jnp.where(drift, raised, sigma_new)
 
 
+def stall_penalty(sigma_new, sigma_old, stall, max_stall):
+    """σ after the stall safeguard (see `alm`'s `max_stall`), and the stall count after it.
+
+    After `max_stall` subproblems without a new low of the forward pass's
+    loss, σ ← max(σ_policy, min(10σ_old, 1e6)) and the count restarts.
+    """
+    stalled = stall >= max_stall
+    raised = jnp.maximum(sigma_new, jnp.minimum(10 * sigma_old, _STALL_CEILING))
+    return jnp.where(stalled, raised, sigma_new), jnp.where(stalled, 0, stall)
+
+
 def alm(
     policy=None,
     *,
@@ -114,6 +129,7 @@ def alm(
     feasibility_tol: float = 1e-6,
     stationarity_tol: float = 1e-6,
     max_loss_gap: float | None = 1.0,
+    max_stall: int | None = 10,
     matmul_precision: str | None = _precision.DEFAULT,
     **inner_options,
 ) -> ALMSolver:
@@ -154,6 +170,14 @@ def alm(
             network on UCI concrete otherwise drifted to a lifted loss of
             3e-4 while its forward-pass MSE rose to 4.7 (benchmarks/RESULTS.md).
             None turns the safeguard off.
+        max_stall: a second safeguard on the cap. After `max_stall`
+            subproblems in a row end without a new low of the forward
+            pass's loss, σ ← 10σ past the policy's cap, up to 1e6: at the
+            capped penalty the multiplier iteration had stopped converging.
+            On UCI power-plant (1×50, β = 1e3) ‖h‖ then grew from 5e-3 to
+            9e-2 while the training MSE rose from 0.0457 to 0.0477 over
+            the second half of a 60 s run (benchmarks/RESULTS.md, Round 10).
+            None turns it off.
         matmul_precision: precision of the matrix products in `init` and
             `update`, a `jax.default_matmul_precision` name. The default,
             "highest", multiplies float32 in float32. On an H100, JAX's own
@@ -183,6 +207,7 @@ def alm(
     check_positive("stationarity_tol", stationarity_tol)
     if max_loss_gap is not None:
         check_positive("max_loss_gap", max_loss_gap, allow_zero=True)
+    max_stall = check_int("max_stall", max_stall, allow_none=True)
     _precision.check_matmul_precision(matmul_precision)
     bound = pol.multiplier_bound
 
@@ -194,18 +219,19 @@ def alm(
         f0 = _lifted.total_loss(params, spec, Z, y)
         pstate = pol.init(f0, jnp.zeros_like(Z))
         istate = solver.init(params, Z, Problem(spec, x, y, Lam, pstate.sigma))
-        return Z, Lam, pstate, istate
+        return Z, Lam, pstate, istate, jnp.full_like(f0, jnp.inf)
 
     def init(model, x, y) -> ALMState:
         params, spec = to_chain(model, x)
         spec = dataclasses.replace(spec, loss=loss_fn)
         x, y = check_xy(spec, x, y)
         with _precision.matmul_precision(matmul_precision):
-            Z, Lam, pstate, istate = _start(params, x, y, spec)
+            Z, Lam, pstate, istate, best = _start(params, x, y, spec)
         zero = jnp.asarray(0, jnp.int32)
         return ALMState(
             params=params, states=Z, multipliers=Lam, policy=pstate, inner=istate,
-            inner_step=zero, outer_step=zero, step=zero, converged=jnp.asarray(False), spec=spec,
+            inner_step=zero, outer_step=zero, step=zero, converged=jnp.asarray(False),
+            best_loss=best, stall=zero, spec=spec,
         )
 
     def update(state: ALMState, x, y) -> tuple[ALMState, ALMInfo]:
@@ -235,6 +261,13 @@ def alm(
         if max_loss_gap is not None:
             new_pol = new_pol._replace(
                 sigma=safeguard_penalty(new_pol.sigma, state.policy.sigma, jnp.sum(loss_fwd), f, max_loss_gap))
+        loss_sum = jnp.sum(loss_fwd)
+        improved = loss_sum < state.best_loss
+        best_loss = jnp.minimum(state.best_loss, loss_sum)
+        stall = jnp.where(improved, 0, state.stall + 1)
+        if max_stall is not None:
+            raised, stall = stall_penalty(new_pol.sigma, state.policy.sigma, stall, max_stall)
+            new_pol = new_pol._replace(sigma=raised)
         lam_new = Lam + sigma * h
         if math.isfinite(bound):
             lam_new = jnp.clip(lam_new, -bound, bound)
@@ -252,7 +285,9 @@ def alm(
             inner=pick(restarted, res.state),
             inner_step=jnp.where(inner_done, 0, inner_step),
             outer_step=state.outer_step + inner_done.astype(jnp.int32),
-            step=state.step + 1, converged=state.converged | converged, spec=spec,
+            step=state.step + 1, converged=state.converged | converged,
+            best_loss=jnp.where(inner_done, best_loss, state.best_loss),
+            stall=jnp.where(inner_done, stall, state.stall), spec=spec,
         )
         info = ALMInfo(
             objective=f + jnp.sum(Lam * h) + 0.5 * jnp.sum(sigma * h * h),

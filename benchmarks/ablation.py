@@ -75,6 +75,7 @@ GROUPS = {
     "safeguard": {
         "clip=1e2": _with(policy=P.bertsekas(beta_max=1e3, multiplier_bound=1e2)),
         "no loss-gap safeguard": _with(max_loss_gap=None),
+        "no stall safeguard": _with(max_stall=None),
     },
 }
 

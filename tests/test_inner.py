@@ -338,6 +338,8 @@ def test_lm_auto_matches_cholesky_on_small_problem():
         ({"inner": "cg", "rtol": -1.0}, ValueError, "rtol"),
         ({"inner": "cg", "forcing_max": 0.0}, ValueError, "forcing_max"),
         ({"max_loss_gap": -1.0}, ValueError, "max_loss_gap"),
+        ({"max_stall": 0}, ValueError, "max_stall"),
+        ({"max_stall": 2.5}, TypeError, "max_stall"),
         ({"inner": "gn", "armijo": 0.7}, ValueError, "armijo"),
     ],
 )

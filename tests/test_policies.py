@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from alm_jax import policies
-from alm_jax._alm import safeguard_penalty
+from alm_jax._alm import safeguard_penalty, stall_penalty
 
 
 def h_with_norm(v, shape=(2, 3, 4)):
@@ -140,3 +140,20 @@ def test_forward_loss_safeguard_per_constraint():
     old = jnp.asarray([1.0, 1e3, 1e12])
     got = safeguard_penalty(old, old, jnp.asarray(3.0), jnp.asarray(1.0), 1.0)
     np.testing.assert_array_equal(got, [10.0, 1e4, 1e12])
+
+
+@pytest.mark.parametrize(
+    "sigma_new, sigma_old, stall, expect, stall_after",
+    [
+        (1e3, 1e3, 9, 1e3, 9),  # one subproblem short of the limit (10)
+        (1e3, 1e3, 10, 1e4, 0),  # stalled: 10× past the cap, the count restarts
+        (1e5, 1e3, 10, 1e5, 0),  # the policy (or the gap safeguard) already went further
+        (1e6, 1e6, 10, 1e6, 0),  # the ceiling
+        (3e5, 3e5, 12, 1e6, 0),  # capped at the ceiling, not 3e6
+    ],
+)
+def test_stall_safeguard(sigma_new, sigma_old, stall, expect, stall_after):
+    """After `max_stall` subproblems without a new low of the forward loss,
+    σ grows 10× past a policy's cap up to 1e6, and only then."""
+    got, count = stall_penalty(jnp.asarray(sigma_new), jnp.asarray(sigma_old), jnp.asarray(stall), 10)
+    assert float(got) == expect and int(count) == stall_after

@@ -153,11 +153,7 @@ def test_forward_loss_safeguard_raises_capped_penalty(yacht, gap, expect):
     iterate, so only the outer logic acts."""
     x, y = jnp.asarray(yacht.x_train[:64]), jnp.asarray(yacht.y_train[:64])
     model = eqx.nn.MLP(6, 1, 8, 2, activation=jnp.tanh, key=jax.random.key(0))
-    idle = alm_jax.inner.InnerSolver(
-        "idle", init=lambda p, z, pb: (), restart=lambda s, p, z, pb: s,
-        step=lambda p, z, s, pb: alm_jax.inner.InnerResult(p, z, s, jnp.asarray(True), jnp.asarray(jnp.nan)),
-        default_max_steps=1)
-    solver = alm_jax.alm(alm_jax.policies.bertsekas(beta0=1e3, beta_max=1e3), inner=idle, max_loss_gap=gap)
+    solver = _idle_solver(max_loss_gap=gap)
     state = solver.init(model, x, y)
     w = state.params.w_out[0]
     out = alm_jax._lifted.output_stacked(state.params, state.spec, state.states)
@@ -165,3 +161,38 @@ def test_forward_loss_safeguard_raises_capped_penalty(yacht, gap, expect):
     state, info = jax.jit(solver.update)(state, x, y)
     assert float(info.loss) > 0.1  # the forward pass is far off; the lifted loss is ≈ 0
     assert float(state.policy.sigma) == expect
+
+
+def _idle_solver(**options):
+    """`alm` with an inner solver that never moves the iterate: only the outer logic acts."""
+    idle = alm_jax.inner.InnerSolver(
+        "idle", init=lambda p, z, pb: (), restart=lambda s, p, z, pb: s,
+        step=lambda p, z, s, pb: alm_jax.inner.InnerResult(p, z, s, jnp.asarray(True), jnp.asarray(jnp.nan)),
+        default_max_steps=1)
+    options.setdefault("max_loss_gap", None)
+    return alm_jax.alm(alm_jax.policies.bertsekas(beta0=1e3, beta_max=1e3), inner=idle, **options)
+
+
+@pytest.mark.parametrize("max_stall, expect", [
+    (3, [1e3, 1e3, 1e3, 1e4, 1e4, 1e4, 1e5]),
+    (None, [1e3] * 7),
+])
+def test_stall_safeguard_raises_capped_penalty(yacht, max_stall, expect):
+    """With the iterate fixed, the forward loss never reaches a new low after
+    the first subproblem (one update each here): every `max_stall`
+    subproblems σ grows 10× past the cap, and the multiplier update of the
+    subproblem that raised it still uses the σ it was solved with."""
+    x, y = jnp.asarray(yacht.x_train[:64]), jnp.asarray(yacht.y_train[:64])
+    model = eqx.nn.MLP(6, 1, 8, 2, activation=jnp.tanh, key=jax.random.key(0))
+    solver = _idle_solver(max_stall=max_stall)
+    state = solver.init(model, x, y)
+    state = eqx.tree_at(lambda s: s.states, state, state.states + 0.01)  # h ≠ 0, constant
+    h = alm_jax._lifted.constraints_stacked(state.params, state.spec, x, state.states)
+    update = jax.jit(solver.update)
+    sigmas = []
+    for _ in expect:
+        sigma, lam = float(state.policy.sigma), state.multipliers
+        state, info = update(state, x, y)
+        np.testing.assert_allclose(state.multipliers, lam + sigma * h, rtol=1e-12, atol=0)
+        sigmas.append(float(state.policy.sigma))
+    assert sigmas == expect
