@@ -1,6 +1,5 @@
 """Residual, constraints, L_β and its gradient against hand-written NumPy formulas."""
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np

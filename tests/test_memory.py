@@ -4,7 +4,6 @@ Measured on the compiled step (XLA's memory analysis, which XLA:CPU provides)
 so that no device memory statistics are needed.
 """
 
-import jax
 import jax.numpy as jnp
 import pytest
 
