@@ -175,9 +175,11 @@ def alm(
             pass's loss, σ ← 10σ past the policy's cap, up to 1e6: at the
             capped penalty the multiplier iteration had stopped converging.
             On UCI power-plant (1×50, β = 1e3) ‖h‖ then grew from 5e-3 to
-            9e-2 while the training MSE rose from 0.0457 to 0.0477 over
-            the second half of a 60 s run (benchmarks/RESULTS.md, Round 10).
-            None turns it off.
+            9e-2 while the training MSE rose from 0.0456 to 0.0477 over
+            the second half of a 60 s run. With the safeguard, 60 s runs on
+            kin8nm ended at 0.0474 instead of 0.0485 (3 splits); power-plant
+            and 10 s runs were unchanged within noise (benchmarks/RESULTS.md,
+            Round 10). None turns it off.
         matmul_precision: precision of the matrix products in `init` and
             `update`, a `jax.default_matmul_precision` name. The default,
             "highest", multiplies float32 in float32. On an H100, JAX's own
