@@ -31,16 +31,27 @@ def _parse(argv):
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                   help="keep compiled programs in DIR for later runs (JAX's persistent compilation cache)")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = _parse(argv)
+def _configure_jax(args):
     import jax
 
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
+    if args.compilation_cache:
+        # Every program counts, even the small ones: the budget includes compilation.
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    _configure_jax(args)
     import equinox as eqx
+    import jax
     import jax.numpy as jnp
     import numpy as np
 

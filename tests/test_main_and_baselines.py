@@ -34,6 +34,20 @@ def test_main_job_rejects_unknown_dataset():
         main_job.main(["--dataset", "boston"])
 
 
+@pytest.mark.parametrize("argv, expect", [
+    ([], [("jax_enable_x64", True)]),
+    (["--dtype", "float32", "--compilation-cache", "/c"],
+     [("jax_compilation_cache_dir", "/c"), ("jax_persistent_cache_min_compile_time_secs", 0)]),
+])
+def test_main_job_configures_jax(monkeypatch, argv, expect):
+    """x64 for float64 runs; the persistent cache only when asked, for every
+    program (the recorder keeps the process's own configuration untouched)."""
+    calls = []
+    monkeypatch.setattr(jax.config, "update", lambda name, value: calls.append((name, value)))
+    main_job._configure_jax(main_job._parse(argv))
+    assert calls == expect
+
+
 @pytest.mark.parametrize("trainer", [train_adam, train_lbfgs, train_optx_lm])
 def test_baselines_reduce_mse_within_budget(trainer):
     if trainer is train_optx_lm:
