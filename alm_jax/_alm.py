@@ -259,11 +259,11 @@ def alm(
         f = _lifted.total_loss(params, spec, Z, y)
         out = _lifted.predict(params, spec, x)
         loss_fwd = spec.loss.value(out, y)
+        loss_sum = jnp.sum(loss_fwd)
         new_pol, upd = pol.update(state.policy, f, h)
         if max_loss_gap is not None:
             new_pol = new_pol._replace(
-                sigma=safeguard_penalty(new_pol.sigma, state.policy.sigma, jnp.sum(loss_fwd), f, max_loss_gap))
-        loss_sum = jnp.sum(loss_fwd)
+                sigma=safeguard_penalty(new_pol.sigma, state.policy.sigma, loss_sum, f, max_loss_gap))
         improved = loss_sum < state.best_loss
         best_loss = jnp.minimum(state.best_loss, loss_sum)
         stall = jnp.where(improved, 0, state.stall + 1)
