@@ -4,6 +4,9 @@ import os
 # machine its threaded linear algebra can slow down 10-100x (DESIGN.md §4.6).
 # Must be set before the first computation initialises the CPU backend.
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+# `pytest -n auto` runs one process per core; on a GPU each would otherwise
+# reserve most of its memory up front and the second could not start.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
 
