@@ -48,6 +48,13 @@ def test_main_job_configures_jax(monkeypatch, argv, expect):
     assert calls == expect
 
 
+def _budget(trainer):
+    """Seconds, compilation included: L-BFGS's first call lands at 3.5-4 s on
+    an idle core of this machine and can take twice that with a second test
+    process compiling beside it (`pytest -n auto`); the others' at 0.6-1.9 s."""
+    return 12.0 if trainer is train_lbfgs else 6.0
+
+
 @pytest.mark.parametrize("trainer", [train_adam, train_lbfgs, train_optx_lm])
 def test_baselines_reduce_mse_within_budget(trainer):
     if trainer is train_optx_lm:
@@ -55,7 +62,7 @@ def test_baselines_reduce_mse_within_budget(trainer):
     data = alm_jax.datasets.load_uci("yacht", 0)
     model = eqx.nn.MLP(6, 1, 8, 1, activation=jnp.tanh, key=jax.random.key(0))
     x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
-    budget = 6.0
+    budget = _budget(trainer)
     run = trainer(model, x, y, time_budget=budget)
     mse0 = float(jnp.mean((jax.vmap(model)(x) - y) ** 2))
     assert run.mses and run.mses[-1] < 0.5 * mse0
@@ -66,13 +73,12 @@ def test_baselines_reduce_mse_within_budget(trainer):
 def test_baselines_take_cross_entropy(trainer):
     """With loss="softmax_cross_entropy" the baselines minimise the mean cross-entropy.
 
-    The budget counts compilation (L-BFGS's took over 4 s on a loaded
-    machine); these 300 digits are separable, and L-BFGS given 6 s had
-    driven the loss to 0 and then to 9.6e17 before its gradient stop."""
+    These 300 digits are separable: L-BFGS given 6 s had driven the loss
+    to 0 and then to 9.6e17 before its gradient stop."""
     data = alm_jax.datasets.load_digits(0)
     x, y = jnp.asarray(data.x_train[:300]), jnp.asarray(data.y_train[:300])
     model = eqx.nn.MLP(64, 10, 8, 1, activation=jnp.tanh, key=jax.random.key(0))
-    run = trainer(model, x, y, time_budget=6.0, loss="softmax_cross_entropy")
+    run = trainer(model, x, y, time_budget=_budget(trainer), loss="softmax_cross_entropy")
     ce0 = float(jnp.mean(-jnp.sum(y * jax.nn.log_softmax(jax.vmap(model)(x)), axis=-1)))
     assert run.losses and run.losses[-1] < 0.5 * ce0
     assert len(run.losses) == len(run.mses) == len(run.times)
