@@ -25,8 +25,8 @@ jax.config.update("jax_enable_x64", True)
 
 import alm_jax  # noqa: E402
 from alm_jax._inner._base import tree_add  # noqa: E402
-from alm_jax._inner._lm import LMOptions, _rolled_out, damped_step  # noqa: E402
-from alm_jax._lifted import lifted_residual, merit  # noqa: E402
+from alm_jax._inner._lm import LMOptions, damped_step  # noqa: E402
+from alm_jax._lifted import constraints_stacked, forward_states_stacked, lifted_residual, merit  # noqa: E402
 
 
 def main(argv=None):
@@ -64,7 +64,9 @@ def main(argv=None):
         pred = 0.5 * jnp.sum(r0 * r0) - 0.5 * jnp.sum((r0 + jd) ** 2)
         p1 = tree_add(params, dp)
         plain = merit(p1, Z + dz, spec, x, y, lam, sigma)
-        rolled = merit(p1, _rolled_out(params, Z, dp, dz, p1, spec, x), spec, x, y, lam, sigma)
+        # rolled out as `lm(rollout=True)` does: constraints at the values the linear model predicts
+        h, jh = jax.jvp(lambda p, z: constraints_stacked(p, spec, x, z), (params, Z), (dp, dz))
+        rolled = merit(p1, forward_states_stacked(p1, spec, x, defects=h + jh), spec, x, y, lam, sigma)
         return pred, (f0 - plain) / pred, (f0 - rolled) / pred
 
     mu = state.inner.damping
