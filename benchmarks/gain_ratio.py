@@ -25,8 +25,8 @@ jax.config.update("jax_enable_x64", True)
 
 import alm_jax  # noqa: E402
 from alm_jax._inner._base import tree_add  # noqa: E402
-from alm_jax._inner._lm import LMOptions, damped_step  # noqa: E402
-from alm_jax._lifted import constraints_stacked, forward_states_stacked, lifted_residual, merit  # noqa: E402
+from alm_jax._inner._lm import LMOptions, _step_model, damped_step  # noqa: E402
+from alm_jax._lifted import forward_states_stacked, merit  # noqa: E402
 
 
 def main(argv=None):
@@ -53,20 +53,13 @@ def main(argv=None):
 
     @jax.jit
     def ratios(params, Z, mu, state_ratio):
-        def res(p, z):
-            return lifted_residual(p, z, spec, x, y, lam, sigma)
-
-        r0 = res(params, Z)
-        f0 = merit(params, Z, spec, x, y, lam, sigma)
         opts = LMOptions(linear_solver="cg", cg_rtol=1e-3, cg_max_steps=500)
         dp, dz = damped_step(params, Z, spec, x, y, lam, sigma, mu, state_ratio * mu, opts)
-        _, jd = jax.jvp(res, (params, Z), (dp, dz))
-        pred = 0.5 * jnp.sum(r0 * r0) - 0.5 * jnp.sum((r0 + jd) ** 2)
+        # f, the predicted decrease and h + J_h d exactly as `lm_iteration` takes them
+        f0, _, pred, defects = _step_model(params, Z, spec, x, y, lam, sigma, dp, dz, rollout=True)
         p1 = tree_add(params, dp)
         plain = merit(p1, Z + dz, spec, x, y, lam, sigma)
-        # rolled out as `lm(rollout=True)` does: constraints at the values the linear model predicts
-        h, jh = jax.jvp(lambda p, z: constraints_stacked(p, spec, x, z), (params, Z), (dp, dz))
-        rolled = merit(p1, forward_states_stacked(p1, spec, x, defects=h + jh), spec, x, y, lam, sigma)
+        rolled = merit(p1, forward_states_stacked(p1, spec, x, defects=defects), spec, x, y, lam, sigma)
         return pred, (f0 - plain) / pred, (f0 - rolled) / pred
 
     mu = state.inner.damping
