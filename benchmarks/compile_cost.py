@@ -13,6 +13,7 @@ library in their stack).
     python benchmarks/compile_cost.py
     python benchmarks/compile_cost.py --nets kin8nm:1:50 concrete:4:16 --by-source
     python benchmarks/compile_cost.py --nets kin8nm:1:50 --compilation-cache /tmp/jax_cache
+    python benchmarks/compile_cost.py --option backtrack=True     # an option of alm_jax.alm
 
 With `--compilation-cache DIR` JAX's persistent compilation cache is on:
 the first repetition (with an empty DIR) compiles, the later ones load the
@@ -23,6 +24,7 @@ repetition's seconds are printed.
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
 import json
 import os
@@ -87,7 +89,7 @@ def fused_kernels(hlo: str):
     return found
 
 
-def measure(net, reps):
+def measure(net, reps, options):
     ds, depth, width = net.split(":")
     data = alm_jax.datasets.load_uci(ds, split=0)
     x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
@@ -95,7 +97,7 @@ def measure(net, reps):
     inits, compiles = [], []
     for _ in range(reps):
         jax.clear_caches()
-        solver = alm_jax.alm()
+        solver = alm_jax.alm(**options)
         t = time.perf_counter()
         state = jax.block_until_ready(solver.init(model, x, y))
         inits.append(time.perf_counter() - t)
@@ -114,17 +116,25 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write the figures here")
     ap.add_argument("--compilation-cache", default=None, metavar="DIR",
                     help="turn on JAX's persistent compilation cache in DIR")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an option of alm_jax.alm (VALUE a Python literal); repeatable")
     args = ap.parse_args(argv)
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--option {item!r}: expected KEY=VALUE")
+        options[key] = ast.literal_eval(value)
     if args.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     # The first compilation in a process pays a one-time setup; keep it out.
     jax.jit(lambda a: jnp.tanh(a) @ a.T).lower(jnp.ones((3, 3))).compile()
-    print(f"# compile cost of alm().update, float64, XLA_FLAGS={os.environ['XLA_FLAGS']!r}, {jax.devices()[0]}")
+    print(f"# compile cost of alm({', '.join(args.option)}).update, float64, XLA_FLAGS={os.environ['XLA_FLAGS']!r}, {jax.devices()[0]}")
     print(f"{'network':16s} {'init s':>7s} {'compile s':>10s} {'fused kernels':>14s}")
     out = {}
     for net in args.nets:
-        all_inits, all_compiles, kernels = measure(net, args.reps)
+        all_inits, all_compiles, kernels = measure(net, args.reps, options)
         t_init, t_compile = min(all_inits), min(all_compiles)
         print(f"{net:16s} {t_init:7.2f} {t_compile:10.2f} {len(kernels):14d}")
         if args.compilation_cache:
@@ -137,7 +147,8 @@ def main(argv=None):
                 print(f"    {n:4d}  {src}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"XLA_FLAGS": os.environ["XLA_FLAGS"], "reps": args.reps, "results": out}, f, indent=1)
+            json.dump({"XLA_FLAGS": os.environ["XLA_FLAGS"], "reps": args.reps, "options": args.option,
+                       "results": out}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ def main(argv=None):
         opts = LMOptions(linear_solver="cg", cg_rtol=1e-3, cg_max_steps=500)
         dp, dz = damped_step(params, Z, spec, x, y, lam, sigma, mu, state_ratio * mu, opts)
         # f, the predicted decrease and h + J_h d exactly as `lm_iteration` takes them
-        f0, _, pred, defects = _step_model(params, Z, spec, x, y, lam, sigma, dp, dz, rollout=True)
+        model = _step_model(params, Z, spec, x, y, lam, sigma, dp, dz, rollout=True)
+        f0, pred, defects = model.objective, model.predicted, model.defects
         p1 = tree_add(params, dp)
         plain = merit(p1, Z + dz, spec, x, y, lam, sigma)
         rolled = merit(p1, forward_states_stacked(p1, spec, x, defects=defects), spec, x, y, lam, sigma)

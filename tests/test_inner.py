@@ -206,6 +206,71 @@ def test_rollout_trial_point_is_never_worse(shape):
     assert objs[True][1] < objs[False][1] * (1 - 1e-3)
 
 
+def _first_rejected_damping(params, Z, p, opts):
+    for mu in (1e-1, 1e-2, 1e-3, 1e-4, 1e-6):
+        r = lm_iteration(params, Z, p.spec, p.x, p.y, p.multipliers, p.sigma, jnp.asarray(mu), jnp.asarray(2.0), opts)
+        if not r.accepted:
+            return mu, r
+    raise AssertionError("every step was accepted: no rejected step to test backtracking on")
+
+
+@pytest.mark.parametrize("shape", ["depth1", "depth3"])
+def test_backtracking_takes_the_quadratic_step_after_a_rejection(shape):
+    """At the largest μ where the full step d is rejected (no rolled-out
+    states), `backtrack` moves to x + αd with α = −s/(2(f(d) − f(0) − s)) kept
+    in [0.1, 0.5], s = f'(0) by forward mode: params, states and objective to
+    1e-12 relative (float64, O(1) values), accepted iff f falls by more than
+    1e-4 of the model's decrease −αs − ½α²‖Jd‖²; μ and ν grow as after the
+    rejection. Where d is accepted it changes nothing (to round-off)."""
+    params, spec, Z, p = _subproblem(**SHAPES[shape])
+    args = (spec, p.x, p.y, p.multipliers, p.sigma)
+    plain, back = (LMOptions(linear_solver="cholesky", rollout=False, backtrack=b) for b in (False, True))
+    mu, rejected = _first_rejected_damping(params, Z, p, plain)
+    r = lm_iteration(params, Z, *args, jnp.asarray(mu), jnp.asarray(2.0), back)
+    np.testing.assert_array_equal([r.damping, r.nu], [rejected.damping, rejected.nu])
+
+    dp, dz = damped_step(params, Z, *args, jnp.asarray(mu), 1e-6 * mu, plain)
+
+    def along(t):
+        return merit(jax.tree_util.tree_map(lambda u, v: u + t * v, params, dp), Z + t * dz, *args)
+
+    f0, slope = jax.jvp(along, (0.0,), (1.0,))
+    f1 = along(1.0)
+    alpha = float(np.clip(-slope / (2 * (f1 - f0 - slope)), 0.1, 0.5))
+    jd = jax.jvp(lambda a, b: lifted_residual(a, b, *args), (params, Z), (dp, dz))[1]
+    pred = -alpha * slope - 0.5 * alpha**2 * float(jnp.sum(jd * jd))
+    f_alpha = float(along(alpha))
+    assert bool(r.accepted) == ((f0 - f_alpha) / pred > 1e-4)
+    assert r.accepted, "the quadratic step should be accepted on these problems"
+    np.testing.assert_allclose(r.objective, f_alpha, rtol=1e-12)
+    np.testing.assert_allclose(r.states, Z + alpha * dz, rtol=1e-12, atol=1e-14)
+    for got, p0, d in zip(*(jax.tree_util.tree_leaves(t) for t in (r.params, params, dp))):
+        np.testing.assert_allclose(got, p0 + alpha * d, rtol=1e-12, atol=1e-14)
+
+    for rollout in (False, True):  # μ = 1: the full step is accepted
+        a, b = (lm_iteration(params, Z, *args, jnp.asarray(1.0), jnp.asarray(2.0),
+                             LMOptions(linear_solver="cholesky", rollout=rollout, backtrack=on)) for on in (False, True))
+        assert a.accepted and b.accepted
+        # Two XLA programs (a loop or not) may fuse, and round, differently.
+        for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+            np.testing.assert_allclose(u, v, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", ["lm", "cg"])
+def test_backtracking_decreases_subproblem_objective(name):
+    """As `test_decreases_subproblem_objective`, with `backtrack=True` (and
+    the rolled-out states): monotone, and below the plain solver's value after
+    20 iterations or within 1e-9 of it (both at round-off there)."""
+    params, spec, Z, p = _subproblem(**SHAPES["depth3"])
+    ends = {}
+    for b in (False, True):
+        _, _, values = _run(inner_lib.get_inner(name, backtrack=b), params, Z, p, 20)
+        assert np.all(np.isfinite(values))
+        assert np.all(np.diff(values) <= 1e-12 * abs(values[0]))
+        ends[b] = values[-1]
+    assert ends[True] < ends[False] + 1e-9 * abs(ends[False])
+
+
 def test_cg_preconditions_an_mlp_by_default():
     """precondition=None (the `cg` default) is the Kronecker preconditioner for
     an MLP: the truncated step (rtol 1e-2) equals precondition=True's bit for
@@ -383,7 +448,7 @@ def test_step_model_matches_autodiff(shape, penalty):
     """The LM iteration's objective, gradient norm, predicted decrease and
     predicted constraint values, taken from the linearisation, equal the
     merit, β·‖∇merit‖ by reverse mode, ½‖r‖² − ½‖r + J d‖² by forward mode
-    and h + J_h d by forward mode (float64, all O(1e-2..1e1): to 1e-12
+    and h + J_h d by forward mode (and the slope rᵀJ d and h) (float64, all O(1e-2..1e1): to 1e-12
     relative), for a scalar penalty and one per constraint."""
     params, spec, Z, p = _subproblem(**SHAPES[shape])
     if PENALTIES[penalty]:
@@ -407,6 +472,8 @@ def test_step_model_matches_autodiff(shape, penalty):
     np.testing.assert_allclose(got.gradient_norm, optax.tree_utils.tree_norm(grad), rtol=1e-12)
     np.testing.assert_allclose(got.predicted, 0.5 * jnp.sum(r0 * r0) - 0.5 * jnp.sum((r0 + jd) ** 2), rtol=1e-12)
     np.testing.assert_allclose(got.defects, h + jh, rtol=1e-12, atol=1e-12 * float(jnp.max(jnp.abs(h + jh))))
+    np.testing.assert_allclose(got.slope, jnp.sum(r0 * jd), rtol=1e-12)
+    np.testing.assert_allclose(got.constraints, h, rtol=1e-12, atol=1e-12 * float(jnp.max(jnp.abs(h))))
 
 
 def test_cg_accumulates_a_linear_map_of_its_solution():

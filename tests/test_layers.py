@@ -240,10 +240,13 @@ def test_forward_states_are_feasible_and_shaped():
     assert max(float(jnp.max(jnp.abs(v))) for v in h) == 0.0
 
 
-@pytest.mark.parametrize("inner,factor", [("cg", 5), pytest.param("lbfgs", 2, marks=SLOW)])
+@pytest.mark.parametrize("inner,factor", [("cg", 5), ("cg-backtrack", 5), pytest.param("lbfgs", 2, marks=SLOW)])
 def test_fit_trains_a_sequential(inner, factor):
     """60 updates on a smooth regression target: the training MSE falls by 5× (2× for the
-    first-order lbfgs); the model comes back as a Sequential."""
+    first-order lbfgs; `cg-backtrack` takes the shortened trial's slope and h from forward
+    mode on a layer chain); the model comes back as a Sequential."""
+    if inner == "cg-backtrack":
+        inner = alm_jax.inner.cg(backtrack=True)
     chain = eqx.nn.Sequential(make_chain([("lin", 8), ("tanh",), ("res",), ("norm",)], 2, 1, seed=3))
     x = jax.random.uniform(jax.random.key(0), (40, 2), jnp.float64, -2, 2)
     y = jnp.sin(x[:, :1]) * jnp.cos(x[:, 1:])

@@ -62,6 +62,7 @@ class LMOptions(NamedTuple):
     precondition: bool | None = None  # None: the Kronecker preconditioner where the model allows it
     solve_dtype: str | None = None  # CG's dtype; None: the model's
     rollout: bool = True
+    backtrack: bool = False
 
 
 class LMResult(NamedTuple):
@@ -112,7 +113,8 @@ def damped_step(params, Z, spec, x, y, Lam, sigma, mu_w, mu_z, opts: LMOptions):
 
 
 def _step_model(params, Z, spec, x, y, Lam, sigma, dp, dz, rollout) -> StepModel:
-    """f and ‖∇f‖ at the current point, the model's decrease along d, and h + J_h d (None unless `rollout`)."""
+    """f and ‖∇f‖ at the current point, the model's decrease along d, its slope rᵀJ d, h + J_h d and h (the last
+    two None unless `rollout`)."""
     if not isinstance(spec, LayerSpec):
         return step_model(linearise(params, spec, x, y, Z, Lam, sigma), spec, Lam, sigma, dp, dz)
 
@@ -122,24 +124,29 @@ def _step_model(params, Z, spec, x, y, Lam, sigma, dp, dz, rollout) -> StepModel
     r0, jd = jax.jvp(res, (params, Z), (dp, dz))
     # With a GGN loss r0 is not the objective's residual, but r0ᵀJ d is
     # still its directional derivative.
+    slope = jnp.sum(r0 * jd)
     pred = 0.5 * jnp.sum(r0 * r0) - 0.5 * jnp.sum((r0 + jd) ** 2)
-    defects = None
+    h = defects = None
     if rollout:
         h, jh = jax.jvp(lambda p, z: constraints_stacked(p, spec, x, z), (params, Z), (dp, dz))
         defects = h + jh
     f0, grad = jax.value_and_grad(merit, argnums=(0, 1))(params, Z, spec, x, y, Lam, sigma)
-    return StepModel(f0, optax.tree_utils.tree_norm(grad), pred, defects)
+    return StepModel(f0, optax.tree_utils.tree_norm(grad), pred, defects, slope, h)
 
 
-def lm_iteration(params, Z, spec, x, y, Lam, sigma, damping, nu, opts: LMOptions) -> LMResult:
-    dp, dz = damped_step(params, Z, spec, x, y, Lam, sigma, damping, opts.state_damping_ratio * damping, opts)
-    f0, gnorm, pred, defects = _step_model(params, Z, spec, x, y, Lam, sigma, dp, dz, opts.rollout)
-    p1, z1 = tree_add(params, dp), Z + dz
+def _trial(params, Z, spec, x, y, Lam, sigma, dp, dz, model: StepModel, alpha, rollout):
+    """The trial point x + αd (α None: the full step) and f there: of the states Z + α dZ and (`rollout`) those
+    rolled out through the new weights with the constraint values h + α J_h d, the lower."""
+    if alpha is None:
+        p1, z1, defects = tree_add(params, dp), Z + dz, model.defects
+    else:
+        p1, z1 = tree_add(params, dp, alpha), Z + alpha * dz
+        defects = None if model.defects is None else model.constraints + alpha * (model.defects - model.constraints)
     f1 = merit(p1, z1, spec, x, y, Lam, sigma)
-    if opts.rollout:
-        # The second trial point: the states rolled out through the new
-        # weights with the constraint values the model predicts,
-        # z_{a+1} = φ(W'_a z_a + b'_a) + h_a + J_h,a d. The penalty term
+    if rollout:
+        # The states rolled out through the new weights with the
+        # constraint values the model predicts,
+        # z_{a+1} = φ(W'_a z_a + b'_a) + h_a + α J_h,a d. The penalty term
         # (weight β) then carries no second-order error of φ, only the
         # loss rows (weight 1) do: a second-order correction (Nocedal &
         # Wright §15.6), and the way DDP rolls out its states.
@@ -147,11 +154,58 @@ def lm_iteration(params, Z, spec, x, y, Lam, sigma, damping, nu, opts: LMOptions
         f2 = merit(p1, z2, spec, x, y, Lam, sigma)
         take = jnp.isfinite(f2) & ~(f2 >= f1)  # a NaN f1 loses to a finite f2
         z1, f1 = jnp.where(take, z2, z1), jnp.where(take, f2, f1)
-    rho = (f0 - f1) / jnp.where(pred > 0, pred, 1)
-    # A non-finite step makes J d, hence pred, non-finite (0·inf is NaN in
-    # the products), and NaN > 0 is false: no separate test of d is needed.
-    ok = jnp.isfinite(f1) & (pred > 0) & (rho > opts.accept_ratio)
-    new_damping, new_nu = nielsen(ok, rho, damping, nu, opts.damping_min, opts.damping_max)
+    return p1, z1, f1
+
+
+def _backtrack_length(f0, f1, slope):
+    """The minimiser of the quadratic through f(0), f'(0) = rᵀJ d and f(1), kept in [0.1, 0.5] (Nocedal & Wright
+    §3.5); 0.1 where f(1) is not finite."""
+    curvature = f1 - f0 - slope
+    alpha = -slope / (2 * jnp.where(curvature > 0, curvature, 1))
+    alpha = jnp.where(jnp.isfinite(f1) & (curvature > 0), alpha, 0.1)
+    return jnp.clip(alpha, 0.1, 0.5)
+
+
+def lm_iteration(params, Z, spec, x, y, Lam, sigma, damping, nu, opts: LMOptions) -> LMResult:
+    dp, dz = damped_step(params, Z, spec, x, y, Lam, sigma, damping, opts.state_damping_ratio * damping, opts)
+    model = _step_model(params, Z, spec, x, y, Lam, sigma, dp, dz, opts.rollout)
+    f0, gnorm, pred = model.objective, model.gradient_norm, model.predicted
+
+    def judge(f1, pred_a):
+        rho = (f0 - f1) / jnp.where(pred_a > 0, pred_a, 1)
+        # A non-finite step makes J d, hence pred, non-finite (0·inf is
+        # NaN in the products), and NaN > 0 is false: no separate test of
+        # d is needed.
+        return jnp.isfinite(f1) & (pred_a > 0) & (rho > opts.accept_ratio), rho
+
+    one = jnp.ones((), f0.dtype)
+    if not opts.backtrack:
+        p1, z1, f1 = _trial(params, Z, spec, x, y, Lam, sigma, dp, dz, model, None, opts.rollout)
+        ok, rho = judge(f1, pred)
+        ok_full = ok
+    else:
+        # One shorter trial along a rejected direction, in a loop of at
+        # most two passes rather than a cond, so that the trial's rollout
+        # and merit are compiled once.
+        def again(c):
+            i, ok_i = c[0], c[1]
+            return (i == 0) | ((i == 1) & ~ok_i & (pred > 0))
+
+        def trial(c):
+            i, _, f_full, *_ = c
+            alpha = jnp.where(i == 0, one, _backtrack_length(f0, f_full, model.slope))
+            # The model's decrease along αd: −α rᵀJd − ½α²‖Jd‖².
+            pred_a = jnp.where(i == 0, pred, alpha * (alpha * (pred + model.slope) - model.slope))
+            p_a, z_a, f_a = _trial(params, Z, spec, x, y, Lam, sigma, dp, dz, model, alpha, opts.rollout)
+            return i + 1, judge(f_a, pred_a)[0], jnp.where(i == 0, f_a, f_full), p_a, z_a, f_a
+
+        init = (jnp.zeros((), jnp.int32), jnp.zeros((), bool), f0, params, Z, f0)
+        _, ok, f_full, p1, z1, f1 = jax.lax.while_loop(again, trial, init)
+        # μ follows the full step: after a rescued one it grows as after
+        # a failure (μ/α instead trained worse, benchmarks/RESULTS.md,
+        # Round 11).
+        ok_full, rho = judge(f_full, pred)
+    new_damping, new_nu = nielsen(ok_full, rho, damping, nu, opts.damping_min, opts.damping_max)
     params = tree_where(ok, p1, params)
     Z = jnp.where(ok, z1, Z)
     grad_norm = penalty_split(sigma)[0] * gnorm  # ∇L_σ = β∇f
@@ -190,7 +244,7 @@ def _check_common(state_damping_ratio, init_damping, chunk_size, max_steps):
 
 def lm(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, linear_solver: str = "auto",
        chunk_size: int | None = None, max_steps: int = 3, rescale_damping: bool = False,
-       rollout: bool = True) -> InnerSolver:
+       rollout: bool = True, backtrack: bool = False) -> InnerSolver:
     """Levenberg–Marquardt with the exact structured step (the default inner solver).
 
     d = argmin ‖J d + r‖² + μ‖dθ‖² + ratio·μ‖dZ‖², accepted by the gain ratio,
@@ -213,17 +267,24 @@ def lm(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
             energy a step at μ/10 predicted a decrease of 7.7e-6 while the
             objective rose by 2.9e-3 (ρ = −377); rolled out, ρ = 0.84
             (benchmarks/RESULTS.md).
+        backtrack: after a rejected step d, try once more at αd, α the
+            minimiser of the quadratic through f(0), f'(0) and f(d), kept in
+            [0.1, 0.5] (Nocedal & Wright §3.5), accepted by the model's gain
+            ratio at α; μ grows as after the rejection. A rejected step
+            otherwise wastes its whole linear solve. It trains lower per
+            update where many steps are rejected and higher where few are
+            (benchmarks/RESULTS.md, Rounds 11 and 12).
     """
     chunk_size, max_steps = _check_common(state_damping_ratio, init_damping, chunk_size, max_steps)
     check_choice("linear_solver", linear_solver, LINEAR_SOLVERS)
     opts = LMOptions(state_damping_ratio=state_damping_ratio, chunk_size=chunk_size, linear_solver=linear_solver,
-                     rollout=bool(rollout))
+                     rollout=bool(rollout), backtrack=bool(backtrack))
     return _lm_solver("lm", opts, init_damping, max_steps, bool(rescale_damping))
 
 
 def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, rtol: float | None = None,
        forcing_max: float = FORCING_MAX, max_cg_steps: int = 100, precondition: bool | None = None, max_steps: int = 3,
-       rescale_damping: bool = False, rollout: bool = True, solve_dtype=None) -> InnerSolver:
+       rescale_damping: bool = False, rollout: bool = True, solve_dtype=None, backtrack: bool = False) -> InnerSolver:
     """Truncated Gauss–Newton: LM with CG on the reduced weight system, matrix free.
 
     Memory O(#weights + m·depth·width²): S is never formed. CG stops at
@@ -255,5 +316,5 @@ def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
     opts = LMOptions(state_damping_ratio=state_damping_ratio, linear_solver="cg", cg_rtol=rtol,
                      cg_forcing_max=forcing_max, cg_max_steps=max_cg_steps,
                      precondition=None if precondition is None else bool(precondition),
-                     rollout=bool(rollout), solve_dtype=solve_dtype)
+                     rollout=bool(rollout), solve_dtype=solve_dtype, backtrack=bool(backtrack))
     return _lm_solver("cg", opts, init_damping, max_steps, bool(rescale_damping))

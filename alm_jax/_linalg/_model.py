@@ -9,8 +9,9 @@ rolled-out trial states) the constraint values the model predicts:
     pred = ½‖r‖² − ½‖r + J d‖² = −rᵀJ d − ½‖J d‖²
     h + J_h d = (r_h + (J d)_h)/ω − λ/σ         (r_h = ω ⊙ (h + λ/σ))
 
-All four follow from the linearisation the step was built from with a few
-GEMMs (and the matrix-free step's forcing term already takes ‖∇f‖ from it).
+and, for a shortened trial αd, the slope rᵀJ d and h. All follow from the
+linearisation the step was built from with a few GEMMs (and the matrix-free
+step's forcing term already takes ‖∇f‖ from it).
 By automatic differentiation instead (a forward pass for f, forward-mode
 passes of the residual and of the constraints, and a reverse pass for the
 outer loop's stopping test) they had been 23 of the 200 fused kernels
@@ -37,6 +38,8 @@ class StepModel(NamedTuple):
     gradient_norm: jnp.ndarray  # ‖∇f‖ there
     predicted: jnp.ndarray  # the model's decrease of f along d
     defects: jnp.ndarray  # h + J_h d, shaped like the states
+    slope: jnp.ndarray  # rᵀJ d, the directional derivative of f along d
+    constraints: jnp.ndarray  # h at the current point, shaped like the states
 
 
 def step_model(lin: Linearisation, spec, Lam, sigma, dparams, dZ) -> StepModel:
@@ -48,4 +51,6 @@ def step_model(lin: Linearisation, spec, Lam, sigma, dparams, dZ) -> StepModel:
     slope = jnp.sum(lin.r_h * jd_h) + jnp.sum(lin.r_o * jd_o)
     predicted = -slope - 0.5 * (jnp.sum(jd_h * jd_h) + jnp.sum(jd_o * jd_o))
     gradient_norm = optax.tree_utils.tree_norm(residual_gradient(lin))
-    return StepModel(objective, gradient_norm, predicted, (lin.r_h + jd_h) / lin.omega - Lam / sigma)
+    offset = Lam / sigma
+    return StepModel(objective, gradient_norm, predicted, (lin.r_h + jd_h) / lin.omega - offset, slope,
+                     lin.r_h / lin.omega - offset)
