@@ -113,8 +113,8 @@ def damped_step(params, Z, spec, x, y, Lam, sigma, mu_w, mu_z, opts: LMOptions):
 
 
 def _step_model(params, Z, spec, x, y, Lam, sigma, dp, dz, rollout) -> StepModel:
-    """f and ‖∇f‖ at the current point, the model's decrease along d, its slope rᵀJ d, h + J_h d and h (the last
-    two None unless `rollout`)."""
+    """f and ‖∇f‖ at the current point, the model's decrease along d, its slope rᵀJ d, h + J_h d and h (for a
+    layer chain the last two are None unless `rollout`)."""
     if not isinstance(spec, LayerSpec):
         return step_model(linearise(params, spec, x, y, Z, Lam, sigma), spec, Lam, sigma, dp, dz)
 
@@ -138,6 +138,8 @@ def _trial(params, Z, spec, x, y, Lam, sigma, dp, dz, model: StepModel, alpha, r
     """The trial point x + αd (α None: the full step) and f there: of the states Z + α dZ and (`rollout`) those
     rolled out through the new weights with the constraint values h + α J_h d, the lower."""
     if alpha is None:
+        # Not α = 1: h + 1·((h + J_h d) − h) rounds differently, and the
+        # default's trajectories would change with it.
         p1, z1, defects = tree_add(params, dp), Z + dz, model.defects
     else:
         p1, z1 = tree_add(params, dp, alpha), Z + alpha * dz
@@ -178,7 +180,6 @@ def lm_iteration(params, Z, spec, x, y, Lam, sigma, damping, nu, opts: LMOptions
         # d is needed.
         return jnp.isfinite(f1) & (pred_a > 0) & (rho > opts.accept_ratio), rho
 
-    one = jnp.ones((), f0.dtype)
     if not opts.backtrack:
         p1, z1, f1 = _trial(params, Z, spec, x, y, Lam, sigma, dp, dz, model, None, opts.rollout)
         ok, rho = judge(f1, pred)
@@ -187,6 +188,8 @@ def lm_iteration(params, Z, spec, x, y, Lam, sigma, damping, nu, opts: LMOptions
         # One shorter trial along a rejected direction, in a loop of at
         # most two passes rather than a cond, so that the trial's rollout
         # and merit are compiled once.
+        one = jnp.ones((), f0.dtype)
+
         def again(c):
             i, ok_i = c[0], c[1]
             return (i == 0) | ((i == 1) & ~ok_i & (pred > 0))
