@@ -12,7 +12,8 @@ step is built on instead of another forward and backward pass) or its
 iteration cap is reached, the same call performs the outer step at the
 new point:
 
-    λ ← clip(λ + σ ⊙ h(x), ±bound)    (if the policy says so)
+    λ ← clip(λ + σ ⊙ h(x), ±bound)    (if the policy says so; or the
+                                       states' adjoint, `multipliers`)
     σ, ε ← policy(σ, ε, h)
 
 and starts the next subproblem. Everything is a pure function of a pytree
@@ -33,7 +34,7 @@ import optax
 
 from . import _lifted, _precision
 from ._models import to_chain, to_model
-from ._checks import check_int, check_positive, check_xy
+from ._checks import check_choice, check_int, check_positive, check_xy
 from ._inner import InnerSolver, Problem, get_inner
 from ._losses import get_loss
 from ._policies import Policy, get_policy
@@ -130,6 +131,7 @@ def alm(
     stationarity_tol: float = 1e-6,
     max_loss_gap: float | None = 1.0,
     max_stall: int | None = 10,
+    multipliers: str = "first_order",
     matmul_precision: str | None = _precision.DEFAULT,
     **inner_options,
 ) -> ALMSolver:
@@ -180,6 +182,20 @@ def alm(
             kin8nm ended at 0.0474 instead of 0.0485 (3 splits); power-plant
             and 10 s runs were unchanged within noise (benchmarks/RESULTS.md,
             Round 10). None turns it off.
+        multipliers: the outer step's multiplier update. "first_order" (the
+            default): λ ← λ + σh (Hestenes, Powell). "adjoint": λ ← the
+            multipliers that make the Lagrangian stationary in the states at
+            the new point, ∇_Z(Σℓ + ⟨λ, h⟩) = 0: backpropagation's adjoint
+            at the lifted states, a least-squares multiplier estimate that
+            is exact here because ∂h/∂Z is square and invertible. Both give
+            the same λ where a subproblem is solved exactly in the states;
+            otherwise λ + σh exceeds the adjoint by (∂h/∂Z)⁻ᵀ∇_Z L_σ, the
+            subproblem's remaining state gradient. At equal time
+            (benchmarks/RESULTS.md, Round 13) "adjoint" trained lower on 8×8
+            and 16×8 networks on UCI concrete (0.46–0.56×, 0.82×), on wine
+            (0.91×) and yacht (0.76×), higher on energy (1.16×), kin8nm
+            (1.04×) and 4×16 concrete (1.09–1.19×). The multipliers start
+            at 0 either way.
         matmul_precision: precision of the matrix products in `init` and
             `update`, a `jax.default_matmul_precision` name. The default,
             "highest", multiplies float32 in float32. On an H100, JAX's own
@@ -196,6 +212,9 @@ def alm(
 
     References:
         M. R. Hestenes (1969), M. J. D. Powell (1969): method of multipliers;
+        D. P. Bertsekas, "Constrained Optimization and Lagrange Multiplier
+        Methods" (1982): multiplier estimates other than the first-order
+        update;
         J. Albersmeyer, M. Diehl, "The lifted Newton method and its
         application in optimization", SIAM J. Optim. 20 (2010).
     """
@@ -210,6 +229,7 @@ def alm(
     if max_loss_gap is not None:
         check_positive("max_loss_gap", max_loss_gap, allow_zero=True)
     max_stall = check_int("max_stall", max_stall, allow_none=True)
+    check_choice("multipliers", multipliers, ("first_order", "adjoint"))
     _precision.check_matmul_precision(matmul_precision)
     bound = pol.multiplier_bound
 
@@ -270,7 +290,12 @@ def alm(
         if max_stall is not None:
             raised, stall = stall_penalty(new_pol.sigma, state.policy.sigma, stall, max_stall)
             new_pol = new_pol._replace(sigma=raised)
-        lam_new = Lam + sigma * h
+        if multipliers == "adjoint":
+            # Computed on every update and kept only at a subproblem's end,
+            # as the first-order update is (`pick` below).
+            lam_new = _lifted.adjoint_multipliers(params, spec, x, y, Z)
+        else:
+            lam_new = Lam + sigma * h
         if math.isfinite(bound):
             lam_new = jnp.clip(lam_new, -bound, bound)
         lam_new = jnp.where(upd, lam_new, Lam)

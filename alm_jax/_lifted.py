@@ -117,6 +117,19 @@ def merit(params, Z, spec, x, y, Lam, sigma):
     return total_loss(params, spec, Z, y) / beta + 0.5 * jnp.sum(c * c)
 
 
+def adjoint_multipliers(params, spec, x, y, Z):
+    """The multipliers that make the Lagrangian stationary in the states at (θ, Z).
+
+    ∇_Z(Σℓ + ⟨λ, h⟩) = 0 has one solution, ∂h/∂Z being unit block lower
+    triangular: λ = −∇_c Σℓ(ŷ(c)) at c = h(θ, Z), where ŷ(c) is the
+    network rolled out with defects c (which reproduces Z at c = h), i.e.
+    backpropagation's adjoint at the lifted states.
+    """
+    h = constraints_stacked(params, spec, x, Z)
+    grad = jax.grad(lambda c: total_loss(params, spec, forward_states_stacked(params, spec, x, c), y))(h)
+    return -grad
+
+
 def augmented_lagrangian_stacked(params, Z, spec, x, y, Lam, sigma):
     """L_σ = Σℓ + ⟨λ, h⟩ + ½ Σ σ_i h_i² (Σℓ = ½‖F‖² for the squared loss)."""
     h = constraints_stacked(params, spec, x, Z)

@@ -7,8 +7,9 @@ suite's. Factors (issue 3): penalty/tolerance policy, penalty cap and initial
 penalty, inner step cap, damping of the states relative to the weights
 (down to 0: the lifted-Newton/condensing step), the damping carried across
 outer steps as is or rescaled by the penalty's growth, multiplier safeguarding,
-the CG solve's cap and tolerance (inner `cg`), and a shortened trial after a
-rejected step (`backtrack`).
+the CG solve's cap and tolerance (inner `cg`), a shortened trial after a
+rejected step (`backtrack`), and the multiplier update (first-order or the
+states' adjoint).
 
     python benchmarks/ablation.py                       # 4 small sets, 2 splits, 10 s
     python benchmarks/ablation.py --datasets yacht --splits 1 --only base cap
@@ -72,6 +73,9 @@ GROUPS = {
     },
     "backtrack": {
         "backtrack": _with(backtrack=True),
+    },
+    "multipliers": {
+        "adjoint multipliers": _with(multipliers="adjoint"),
     },
     "damping_warm_start": {
         "rescale_damping": _with(rescale_damping=True),

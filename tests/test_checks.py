@@ -92,6 +92,7 @@ BAD_SOLVER_OPTIONS = [
     ({"inner": "lm", "chunk_size": 0}, ValueError, "chunk_size"),
     ({"chunk_size": 64}, TypeError, "chunk_size"),  # the default inner solver "cg" has no chunks
     ({"matmul_precision": "fp32"}, ValueError, "matmul_precision"),
+    ({"multipliers": "least_squares"}, ValueError, "multipliers"),
 ]
 
 

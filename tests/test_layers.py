@@ -232,6 +232,22 @@ def test_rollout_states_meet_the_given_defects(name):
     np.testing.assert_allclose(_lifted.constraints_stacked(params, spec, x, rolled), c, rtol=0, atol=1e-14)
 
 
+@pytest.mark.parametrize("name", ["widths-change", "mixed"])
+def test_adjoint_multipliers_make_the_lagrangian_stationary_in_the_states(name):
+    """As for an MLP (test_lifted.py): ∇_Z(Σℓ + ⟨λ, h⟩) = 0 at states off the forward pass,
+    with the gradient taken by reverse mode through the chain's own constraints."""
+    chain, states, _, x, y = make_problem(CHAINS[name], 3, 2, 5, seed=6)
+    params, spec = to_chain(chain, x)
+    Z = jnp.concatenate(states, axis=-1)[None]
+    lam = _lifted.adjoint_multipliers(params, spec, x, y, Z)
+    assert float(jnp.max(jnp.abs(lam))) > 0.05
+
+    def lagrangian(Z_):
+        return _lifted.total_loss(params, spec, Z_, y) + jnp.sum(lam * _lifted.constraints_stacked(params, spec, x, Z_))
+
+    np.testing.assert_allclose(jax.grad(lagrangian)(Z), 0, atol=1e-13)
+
+
 def test_forward_states_are_feasible_and_shaped():
     chain, _, _, x, _ = make_problem(CHAINS["widths-change"], 2, 2, 5, seed=0)
     states = alm_jax.forward_states(chain, x)
@@ -240,17 +256,22 @@ def test_forward_states_are_feasible_and_shaped():
     assert max(float(jnp.max(jnp.abs(v))) for v in h) == 0.0
 
 
-@pytest.mark.parametrize("inner,factor", [("cg", 5), ("cg-backtrack", 5), pytest.param("lbfgs", 2, marks=SLOW)])
+@pytest.mark.parametrize("inner,factor", [("cg", 5), ("cg-backtrack", 5), ("cg-adjoint", 5),
+                                          pytest.param("lbfgs", 2, marks=SLOW)])
 def test_fit_trains_a_sequential(inner, factor):
     """60 updates on a smooth regression target: the training MSE falls by 5× (2× for the
     first-order lbfgs; `cg-backtrack` takes the shortened trial's slope and h from forward
-    mode on a layer chain); the model comes back as a Sequential."""
+    mode on a layer chain, `cg-adjoint` the multipliers from the chain's adjoint); the model
+    comes back as a Sequential."""
+    options = {}
     if inner == "cg-backtrack":
         inner = alm_jax.inner.cg(backtrack=True)
+    elif inner == "cg-adjoint":
+        inner, options = "cg", {"multipliers": "adjoint"}
     chain = eqx.nn.Sequential(make_chain([("lin", 8), ("tanh",), ("res",), ("norm",)], 2, 1, seed=3))
     x = jax.random.uniform(jax.random.key(0), (40, 2), jnp.float64, -2, 2)
     y = jnp.sin(x[:, :1]) * jnp.cos(x[:, 1:])
-    res = alm_jax.fit(chain, x, y, inner=inner, max_steps=60, progress=False)
+    res = alm_jax.fit(chain, x, y, inner=inner, max_steps=60, progress=False, **options)
     assert isinstance(res.model, eqx.nn.Sequential)
     mse = float(jnp.mean((jax.vmap(res.model)(x) - y) ** 2))
     assert mse == pytest.approx(res.history.mse[-1], rel=1e-10)

@@ -1,5 +1,7 @@
 """Residual, constraints, L_β and its gradient against hand-written NumPy formulas."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,9 @@ import pytest
 
 import alm_jax
 from alm_jax._chain import mlp_to_chain
-from alm_jax._lifted import constraints_stacked, forward_states_stacked
+from alm_jax._lifted import (adjoint_multipliers, augmented_lagrangian_stacked, constraints_stacked,
+                             forward_states_stacked, total_loss)
+from alm_jax._losses import get_loss
 from _problems import make_problem
 
 
@@ -104,3 +108,52 @@ def test_rollout_states_meet_the_given_defects(depth):
     np.testing.assert_allclose(constraints_stacked(params, spec, prob.x, Z), c, rtol=0, atol=1e-14)
     np.testing.assert_array_equal(forward_states_stacked(params, spec, prob.x, defects=jnp.zeros_like(c)),
                                   forward_states_stacked(params, spec, prob.x))
+
+
+def _lagrangian_state_gradient(params, spec, x, y, Z, lam):
+    """∇_Z(Σℓ + ⟨λ, h⟩) by reverse mode, independently of `adjoint_multipliers`."""
+    def lagrangian(Z_):
+        return total_loss(params, spec, Z_, y) + jnp.sum(lam * constraints_stacked(params, spec, x, Z_))
+    return jax.grad(lagrangian)(Z)
+
+
+@pytest.mark.parametrize("depth,bias,n_out,loss", [(1, True, 1, "squared"), (3, False, 2, "squared"),
+                                                   (5, True, 3, "softmax_cross_entropy")])
+def test_adjoint_multipliers_make_the_lagrangian_stationary_in_the_states(depth, bias, n_out, loss):
+    """At states off the forward pass (h ≠ 0), ∇_Z(Σℓ + ⟨λ, h⟩) = 0 for λ = adjoint_multipliers.
+    The gradient's entries are O(1) and each is a few width-4 sums, so float64 round-off is
+    ≈ 1e-16; 1e-13 allows for the depth."""
+    prob = make_problem(depth=depth, width=4, n_out=n_out, m=5, bias=bias, seed=depth)
+    params, spec = mlp_to_chain(prob.model)
+    spec = dataclasses.replace(spec, loss=get_loss(loss))
+    y = jax.nn.one_hot(jnp.arange(5) % n_out, n_out, dtype=jnp.float64) if loss != "squared" else prob.y
+    Z = jnp.stack(prob.states)
+    assert float(jnp.max(jnp.abs(constraints_stacked(params, spec, prob.x, Z)))) > 0.1
+    lam = adjoint_multipliers(params, spec, prob.x, y, Z)
+    assert float(jnp.max(jnp.abs(lam))) > 0.05  # not trivially zero
+    g = _lagrangian_state_gradient(params, spec, prob.x, y, Z, lam)
+    np.testing.assert_allclose(g, 0, atol=1e-13)
+
+
+def test_adjoint_multipliers_equal_the_first_order_update_where_the_subproblem_is_solved_in_the_states():
+    """With θ fixed and Z minimising L_σ(θ, ·, λ) (Newton to convergence on a depth-2 net),
+    λ + σh solves the same adjoint equations, so the two multiplier updates coincide; they
+    differ only by how far the subproblem's state gradient is from zero."""
+    prob = make_problem(depth=2, width=3, n_out=2, m=4, seed=11)
+    params, spec = mlp_to_chain(prob.model)
+    x, y, lam, sigma = prob.x, prob.y, jnp.stack(prob.multipliers), 2.5
+    Z = jnp.stack(prob.states)
+
+    def f(v):
+        return augmented_lagrangian_stacked(params, v.reshape(Z.shape), spec, x, y, lam, sigma)
+
+    v = Z.ravel()
+    for _ in range(30):
+        v = v - jnp.linalg.solve(jax.hessian(f)(v), jax.grad(f)(v))
+    assert float(jnp.max(jnp.abs(jax.grad(f)(v)))) < 1e-14
+    Zs = v.reshape(Z.shape)
+    first_order = lam + sigma * constraints_stacked(params, spec, x, Zs)
+    np.testing.assert_allclose(adjoint_multipliers(params, spec, x, y, Zs), first_order, rtol=0, atol=1e-13)
+    # away from the state minimiser they differ
+    assert float(jnp.max(jnp.abs(adjoint_multipliers(params, spec, x, y, Z) - (lam + sigma * constraints_stacked(
+        params, spec, x, Z))))) > 0.1

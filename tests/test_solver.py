@@ -169,6 +169,32 @@ def test_forward_loss_safeguard_raises_capped_penalty(yacht, gap, expect):
     assert float(state.policy.sigma) == expect
 
 
+def test_adjoint_multiplier_update(yacht):
+    """`multipliers="adjoint"`: at the end of a subproblem λ becomes the adjoint at the new
+    point (the idle inner solver keeps it, so the point is known), not λ + σh; they differ
+    since the states are off the forward pass and not a minimiser of L_σ."""
+    x, y = jnp.asarray(yacht.x_train[:64]), jnp.asarray(yacht.y_train[:64])
+    model = eqx.nn.MLP(6, 1, 8, 2, activation=jnp.tanh, key=jax.random.key(0))
+    solver = _idle_solver(multipliers="adjoint")
+    state = solver.init(model, x, y)
+    np.testing.assert_array_equal(state.multipliers, 0)
+    state = eqx.tree_at(lambda s: s.states, state, state.states + 0.01)
+    sigma, lam = state.policy.sigma, state.multipliers
+    h = alm_jax._lifted.constraints_stacked(state.params, state.spec, x, state.states)
+    new, _ = jax.jit(solver.update)(state, x, y)
+    expect = alm_jax._lifted.adjoint_multipliers(state.params, state.spec, x, y, state.states)
+    np.testing.assert_allclose(new.multipliers, expect, rtol=1e-12, atol=1e-15)
+    assert float(jnp.max(jnp.abs(new.multipliers - (lam + sigma * h)))) > 1.0
+
+
+def test_adjoint_multipliers_train_yacht(yacht):
+    """As test_fit_trains_yacht, with the adjoint multiplier update."""
+    model = eqx.nn.MLP(6, 1, 20, 1, activation=jnp.tanh, key=jax.random.key(0))
+    res = alm_jax.fit(model, yacht.x_train, yacht.y_train, max_steps=60, progress=False, multipliers="adjoint")
+    assert res.history.mse[0] > 0.1
+    assert res.history.mse[-1] < 1e-2
+
+
 def _idle_solver(**options):
     """`alm` with an inner solver that never moves the iterate: only the outer logic acts."""
     idle = alm_jax.inner.InnerSolver(
