@@ -189,7 +189,7 @@ def alm(
             at the lifted states, a least-squares multiplier estimate that
             is exact here because ∂h/∂Z is square and invertible. Both give
             the same λ where a subproblem is solved exactly in the states;
-            otherwise λ + σh exceeds the adjoint by (∂h/∂Z)⁻ᵀ∇_Z L_σ, the
+            otherwise λ + σh − λ_adjoint = (∂h/∂Z)⁻ᵀ∇_Z L_σ, the
             subproblem's remaining state gradient. At equal time
             (benchmarks/RESULTS.md, Round 13) "adjoint" trained lower on 8×8
             and 16×8 networks on UCI concrete (0.46–0.56×, 0.82×), on wine
