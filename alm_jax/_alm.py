@@ -192,7 +192,7 @@ def alm(
             otherwise λ + σh − λ_adjoint = (∂h/∂Z)⁻ᵀ∇_Z L_σ, the
             subproblem's remaining state gradient. At equal time
             (benchmarks/RESULTS.md, Round 13) "adjoint" trained lower on 8×8
-            and 16×8 networks on UCI concrete (0.46–0.56×, 0.82×), on wine
+            and 16×8 networks on UCI concrete (0.43–0.56×, 0.82×), on wine
             (0.91×) and yacht (0.76×), higher on energy (1.16×), kin8nm
             (1.04×) and 4×16 concrete (1.09–1.19×). The multipliers start
             at 0 either way.
