@@ -293,7 +293,7 @@ def alm(
         if multipliers == "adjoint":
             # Computed on every update and kept only at a subproblem's end,
             # as the first-order update is (`pick` below).
-            lam_new = _lifted.adjoint_multipliers(params, spec, x, y, Z)
+            lam_new = _lifted.adjoint_multipliers(params, spec, x, y, h)
         else:
             lam_new = Lam + sigma * h
         if math.isfinite(bound):

@@ -117,15 +117,14 @@ def merit(params, Z, spec, x, y, Lam, sigma):
     return total_loss(params, spec, Z, y) / beta + 0.5 * jnp.sum(c * c)
 
 
-def adjoint_multipliers(params, spec, x, y, Z):
-    """The multipliers that make the Lagrangian stationary in the states at (θ, Z).
+def adjoint_multipliers(params, spec, x, y, h):
+    """The multipliers that make the Lagrangian stationary in the states at (θ, Z), given h = h(θ, Z).
 
     ∇_Z(Σℓ + ⟨λ, h⟩) = 0 has one solution, ∂h/∂Z being unit block lower
-    triangular: λ = −∇_c Σℓ(ŷ(c)) at c = h(θ, Z), where ŷ(c) is the
-    network rolled out with defects c (which reproduces Z at c = h), i.e.
-    backpropagation's adjoint at the lifted states.
+    triangular: λ = −∇_c Σℓ(ŷ(c)) at c = h, where ŷ(c) is the network
+    rolled out with defects c (which reproduces Z at c = h, so Z itself is
+    not needed), i.e. backpropagation's adjoint at the lifted states.
     """
-    h = constraints_stacked(params, spec, x, Z)
     grad = jax.grad(lambda c: total_loss(params, spec, forward_states_stacked(params, spec, x, c), y))(h)
     return -grad
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 import alm_jax
+from alm_jax._lifted import constraints_stacked, total_loss
 
 
 class Problem(NamedTuple):
@@ -35,3 +36,11 @@ def make_problem(depth=2, width=4, n_in=3, n_out=1, m=6, bias=True, final_bias=N
     lam_keys = jax.random.split(k[4], depth)
     multipliers = tuple(jax.random.normal(kk, s.shape, dtype) for s, kk in zip(states, lam_keys))
     return Problem(model, states, multipliers, x, y)
+
+
+def lagrangian_state_gradient(params, spec, x, y, Z, lam):
+    """∇_Z(Σℓ + ⟨λ, h⟩) by reverse mode through the lifted constraints (a reference for the adjoint multipliers)."""
+    def lagrangian(Z_):
+        return total_loss(params, spec, Z_, y) + jnp.sum(lam * constraints_stacked(params, spec, x, Z_))
+
+    return jax.grad(lagrangian)(Z)

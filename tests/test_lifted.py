@@ -9,10 +9,9 @@ import pytest
 
 import alm_jax
 from alm_jax._chain import mlp_to_chain
-from alm_jax._lifted import (adjoint_multipliers, augmented_lagrangian_stacked, constraints_stacked,
-                             forward_states_stacked, total_loss)
+from alm_jax._lifted import adjoint_multipliers, augmented_lagrangian_stacked, constraints_stacked, forward_states_stacked
 from alm_jax._losses import get_loss
-from _problems import make_problem
+from _problems import lagrangian_state_gradient, make_problem
 
 
 def numpy_layers(model):
@@ -110,13 +109,6 @@ def test_rollout_states_meet_the_given_defects(depth):
                                   forward_states_stacked(params, spec, prob.x))
 
 
-def _lagrangian_state_gradient(params, spec, x, y, Z, lam):
-    """∇_Z(Σℓ + ⟨λ, h⟩) by reverse mode, independently of `adjoint_multipliers`."""
-    def lagrangian(Z_):
-        return total_loss(params, spec, Z_, y) + jnp.sum(lam * constraints_stacked(params, spec, x, Z_))
-    return jax.grad(lagrangian)(Z)
-
-
 @pytest.mark.parametrize("depth,bias,n_out,loss", [(1, True, 1, "squared"), (3, False, 2, "squared"),
                                                    (5, True, 3, "softmax_cross_entropy")])
 def test_adjoint_multipliers_make_the_lagrangian_stationary_in_the_states(depth, bias, n_out, loss):
@@ -128,10 +120,11 @@ def test_adjoint_multipliers_make_the_lagrangian_stationary_in_the_states(depth,
     spec = dataclasses.replace(spec, loss=get_loss(loss))
     y = jax.nn.one_hot(jnp.arange(5) % n_out, n_out, dtype=jnp.float64) if loss != "squared" else prob.y
     Z = jnp.stack(prob.states)
-    assert float(jnp.max(jnp.abs(constraints_stacked(params, spec, prob.x, Z)))) > 0.1
-    lam = adjoint_multipliers(params, spec, prob.x, y, Z)
+    h = constraints_stacked(params, spec, prob.x, Z)
+    assert float(jnp.max(jnp.abs(h))) > 0.1
+    lam = adjoint_multipliers(params, spec, prob.x, y, h)
     assert float(jnp.max(jnp.abs(lam))) > 0.05  # not trivially zero
-    g = _lagrangian_state_gradient(params, spec, prob.x, y, Z, lam)
+    g = lagrangian_state_gradient(params, spec, prob.x, y, Z, lam)
     np.testing.assert_allclose(g, 0, atol=1e-13)
 
 
@@ -153,10 +146,10 @@ def test_adjoint_multipliers_equal_the_first_order_update_where_the_subproblem_i
         v = v - jnp.linalg.solve(hess(v), grad(v))
     assert float(jnp.max(jnp.abs(grad(v)))) < 1e-14
     Zs = v.reshape(Z.shape)
-    first_order = lam + sigma * constraints_stacked(params, spec, x, Zs)
-    np.testing.assert_allclose(adjoint_multipliers(params, spec, x, y, Zs), first_order, rtol=0, atol=1e-13)
+    hs, h = constraints_stacked(params, spec, x, Zs), constraints_stacked(params, spec, x, Z)
+    np.testing.assert_allclose(adjoint_multipliers(params, spec, x, y, hs), lam + sigma * hs, rtol=0, atol=1e-13)
     # away from it they differ, by (∂h/∂Z)⁻ᵀ∇_Z L_σ from a dense Jacobian
-    gap = lam + sigma * constraints_stacked(params, spec, x, Z) - adjoint_multipliers(params, spec, x, y, Z)
+    gap = lam + sigma * h - adjoint_multipliers(params, spec, x, y, h)
     jac = jax.jacfwd(lambda u: constraints_stacked(params, spec, x, u.reshape(Z.shape)).ravel())(Z.ravel())
     expect = jnp.linalg.solve(jac.T, grad(Z.ravel()))
     assert float(jnp.max(jnp.abs(gap))) > 0.1

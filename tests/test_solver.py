@@ -182,7 +182,7 @@ def test_adjoint_multiplier_update(yacht):
     sigma, lam = state.policy.sigma, state.multipliers
     h = alm_jax._lifted.constraints_stacked(state.params, state.spec, x, state.states)
     new, _ = jax.jit(solver.update)(state, x, y)
-    expect = alm_jax._lifted.adjoint_multipliers(state.params, state.spec, x, y, state.states)
+    expect = alm_jax._lifted.adjoint_multipliers(state.params, state.spec, x, y, h)
     np.testing.assert_allclose(new.multipliers, expect, rtol=1e-12, atol=1e-15)
     assert float(jnp.max(jnp.abs(new.multipliers - (lam + sigma * h)))) > 1.0
 
