@@ -204,7 +204,7 @@ def alm(
             (tests/test_float32.py). Float64 and CPU arithmetic are the same
             either way.
         **inner_options: options of the named inner solver, e.g.
-            `state_damping_ratio`, `init_damping`, `rtol` for "cg" or
+            `state_damping_ratio`, `init_damping`, `rtol`, `second_order` for "cg" or
             `chunk_size`, `linear_solver` for "lm" (see `alm_jax.inner`).
 
     Returns:

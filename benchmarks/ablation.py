@@ -77,6 +77,9 @@ GROUPS = {
     "multipliers": {
         "adjoint multipliers": _with(multipliers="adjoint"),
     },
+    "second_order": {
+        "second_order=0.5": _with(second_order=0.5),
+    },
     "damping_warm_start": {
         "rescale_damping": _with(rescale_damping=True),
     },

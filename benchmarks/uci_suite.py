@@ -115,6 +115,8 @@ def main(argv=None, alm_variants=None):
                     help="ALM's max_stall (default: the library's); 'none' turns the stall safeguard off")
     ap.add_argument("--multipliers", default=None, choices=["first_order", "adjoint"],
                     help="ALM's multiplier update (default: the library's, first_order)")
+    ap.add_argument("--second-order", type=float, default=None,
+                    help="the inner cg's second_order weight (default: the library's, 0: Gauss–Newton)")
     ap.add_argument("--dtype", default="float64", choices=["float32", "float64"],
                     help="the models' and data's dtype (float32: JAX's x64 mode stays off)")
     ap.add_argument("--matmul-precision", default=None,
@@ -136,12 +138,13 @@ def main(argv=None, alm_variants=None):
             "device": str(jax.devices()[0]), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "float": args.dtype,
             "budget_s": budget, "splits": n_splits, "width": args.width, "depth": args.depth, "policy": args.policy,
             "solve_dtype": args.solve_dtype, "matmul_precision": args.matmul_precision, "max_stall": args.max_stall,
-            "multipliers": args.multipliers, "model": args.model,
+            "multipliers": args.multipliers, "second_order": args.second_order, "model": args.model,
             "alm_variants": {k: repr(v) for k, v in (alm_variants or {}).items()}}
     print(f"# UCI suite: {n_splits} splits, {budget:g} s per method, {args.model} {args.depth}x{args.width} tanh, {args.dtype}, "
           f"XLA_FLAGS={meta['XLA_FLAGS']!r}")
     alm_options = {k: v for k, v in (("policy", args.policy), ("solve_dtype", args.solve_dtype),
-                                     ("multipliers", args.multipliers)) if v is not None}
+                                     ("multipliers", args.multipliers), ("second_order", args.second_order))
+                    if v is not None}
     if args.max_stall is not None:
         alm_options["max_stall"] = None if args.max_stall.lower() == "none" else int(args.max_stall)
     if args.matmul_precision is not None:

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 from .._chain import ChainSpec
-from . import _blocktri, _onelayer
+from . import _blocktri, _curvature, _onelayer
 from ._linearise import Linearisation, linearise
 from ._schur import elimination, layer_blocks, num_weights, unflatten_weights, weight_jvp, weight_vjp
 
@@ -92,7 +92,9 @@ def pcg(apply, b, rtol, max_steps, precondition=None, has_aux=False):
         curv = jnp.vdot(p, sp)
         alpha = jnp.where(curv > 0, gamma_new / jnp.where(curv > 0, curv, 1), 0)
         tx = None if tx is None else tx + alpha * tp
-        return x + alpha * p, r - alpha * sp, p, gamma_new, alpha * p, k + 1, tx
+        # γ = 0 ends the loop at a direction of nonpositive curvature (an
+        # indefinite S, `second_order`): the iterate so far is the step.
+        return x + alpha * p, r - alpha * sp, p, jnp.where(curv > 0, gamma_new, 0), alpha * p, k + 1, tx
 
     one = jnp.ones((), b.dtype)
     tx0 = None
@@ -204,7 +206,7 @@ def _preconditioner(spec, factors, m, mu):
 
 @functools.partial(jax.jit, static_argnames=("spec", "max_steps", "precondition", "solve_dtype"))
 def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=None, max_steps=100,
-                 precondition=False, forcing_max=FORCING_MAX, solve_dtype=None):
+                 precondition=False, forcing_max=FORCING_MAX, solve_dtype=None, curvature_weight=None):
     """Inexact minimiser of ‖J d + r‖² + μ_w‖dθ‖² + μ_z‖dZ‖² by CG on the reduced system.
 
     CG stops at relative residual ≈ rtol (the norm-wise test of `pcg`)
@@ -212,11 +214,16 @@ def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=
     min(forcing_max, √‖∇f‖) (`forcing_term`, from the model-dtype
     linearisation). `solve_dtype` (None: the model's) is the dtype CG and
     its products run in; the step is returned in the model's dtype.
+    `curvature_weight` τ (None: Gauss–Newton) adds τ·C, the stage rows'
+    second-order term (`_curvature`, one hidden layer), to the reduced
+    system; C may be indefinite, and CG then stops at a direction of
+    nonpositive curvature.
 
     Returns:
         (dparams, dZ, cg_steps).
     """
     lin = linearise(params, spec, x, y, Z, Lam, sigma)
+    curv = None if curvature_weight is None else _curvature.curvature(lin, params, spec, x, curvature_weight)
     if rtol is None:
         rtol = forcing_term(residual_gradient(lin), forcing_max)
     if solve_dtype is not None:
@@ -224,16 +231,18 @@ def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=
         # the LM gain ratio is still computed in the model's dtype; float32
         # products ran 2.3–2.4× faster on XLA:CPU, at a floor of ≈ κ(S)·ε₃₂
         # on the step (benchmarks/RESULTS.md, Round 8).
-        lin = jax.tree_util.tree_map(lambda a: a.astype(solve_dtype), lin)
+        lin, curv = jax.tree_util.tree_map(lambda a: a.astype(solve_dtype), (lin, curv))
         mu_w, mu_z, rtol = (jnp.asarray(v).astype(solve_dtype) for v in (mu_w, mu_z, rtol))
     elim = elimination(spec)
     fac = elim.factor(lin, mu_z)
     m = x.shape[0]
 
     def s_apply(v):
-        e_h, e_o = weight_jvp(lin, unflatten_weights(v, spec), spec)
+        dtheta = unflatten_weights(v, spec)
+        e_h, e_o = weight_jvp(lin, dtheta, spec)
         (p_h, p_o), t = _project(lin, fac, elim, e_h, e_o)
-        return weight_vjp(lin, p_h, p_o) + mu_w * v, t
+        out = weight_vjp(lin, p_h, p_o) + mu_w * v
+        return (out if curv is None else out + _curvature.apply(curv, lin, dtheta)), t
 
     (pr_h, pr_o), t_r = _project(lin, fac, elim, lin.r_h, lin.r_o)
     g = weight_vjp(lin, pr_h, pr_o)

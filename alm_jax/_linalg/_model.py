@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from .._lifted import penalty_split
+from . import _curvature
 from ._linearise import Linearisation
 from ._matfree import apply_ju, residual_gradient
 from ._schur import weight_jvp
@@ -40,9 +41,11 @@ class StepModel(NamedTuple):
     defects: jnp.ndarray  # h + J_h d, shaped like the states
     slope: jnp.ndarray  # rᵀJ d, the directional derivative of f along d
     constraints: jnp.ndarray  # h at the current point, shaped like the states
+    second_order: jnp.ndarray | None = None  # ½dᵀC d (`_curvature`), where asked for
 
 
-def step_model(lin: Linearisation, spec, Lam, sigma, dparams, dZ) -> StepModel:
+def step_model(lin: Linearisation, spec, Lam, sigma, dparams, dZ, q=None) -> StepModel:
+    """The model at the current point; with `q` (`_curvature`) also ½dᵀC d."""
     beta = penalty_split(sigma)[0]
     wh, wo = weight_jvp(lin, dparams, spec)
     uh, uo = apply_ju(lin, dZ)
@@ -50,7 +53,8 @@ def step_model(lin: Linearisation, spec, Lam, sigma, dparams, dZ) -> StepModel:
     objective = jnp.sum(lin.loss) / beta + 0.5 * jnp.sum(lin.r_h * lin.r_h)
     slope = jnp.sum(lin.r_h * jd_h) + jnp.sum(lin.r_o * jd_o)
     predicted = -slope - 0.5 * (jnp.sum(jd_h * jd_h) + jnp.sum(jd_o * jd_o))
+    second_order = None if q is None else _curvature.quadratic(q, lin, dparams)
     gradient_norm = optax.tree_utils.tree_norm(residual_gradient(lin))
     offset = Lam / sigma
     return StepModel(objective, gradient_norm, predicted, (lin.r_h + jd_h) / lin.omega - offset, slope,
-                     lin.r_h / lin.omega - offset)
+                     lin.r_h / lin.omega - offset, second_order)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from .._checks import check_solve_dtype
 from .._layers import LayerSpec
-from . import _generic, _matfree, _schur
+from . import _curvature, _generic, _matfree, _schur
 
 
 def structured_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, chunk=None):
@@ -18,7 +18,7 @@ def structured_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, chunk=None):
 
 
 def matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=None, max_steps=100, precondition=False,
-                 forcing_max=_matfree.FORCING_MAX, solve_dtype=None):
+                 forcing_max=_matfree.FORCING_MAX, solve_dtype=None, curvature_weight=None):
     """CG on the reduced weight system: `(dparams, dZ, cg_steps)`.
 
     CG's tolerance is `rtol`, or if None the forcing term min(forcing_max, √‖∇f‖)
@@ -27,13 +27,17 @@ def matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=None, max_s
     `precondition=None` takes the Kronecker preconditioner where the model has
     its factors (an MLP's dense chain) and none for a general layer chain.
     `solve_dtype` runs CG in another dtype than the model's (an MLP's dense
-    chain only; None: the model's).
+    chain only; None: the model's). `curvature_weight` τ (None: Gauss–Newton)
+    adds τ times the stage rows' second-order term (`_curvature`; an MLP
+    with one hidden layer).
     """
     if precondition is None:
         precondition = not isinstance(spec, LayerSpec)
     solve_dtype = check_solve_dtype(solve_dtype)
     if solve_dtype == jnp.dtype(spec.dtype).name:
         solve_dtype = None  # the model's own: the same program, compiled once
+    if curvature_weight is not None:
+        _curvature.check_supported(spec)
     if isinstance(spec, LayerSpec):
         if precondition:
             raise ValueError("precondition: the Kronecker preconditioner needs an eqx.nn.MLP model.")
@@ -43,4 +47,5 @@ def matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=None, max_s
         return _generic.matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=max_steps,
                                      forcing_max=forcing_max)
     return _matfree.matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=max_steps,
-                                 precondition=precondition, forcing_max=forcing_max, solve_dtype=solve_dtype)
+                                 precondition=precondition, forcing_max=forcing_max, solve_dtype=solve_dtype,
+                                 curvature_weight=curvature_weight)
