@@ -152,15 +152,16 @@ def test_second_order_is_off_by_default_and_leaves_gauss_newton_alone(yacht):
 
 
 def test_second_order_trains_wine(wine):
-    """On UCI wine (large residuals) the term trains lower than Gauss–Newton
-    in 150 updates: 0.59× on split 0 when measured (benchmarks/RESULTS.md,
-    Round 14); asserted with a wide margin, ≤ 0.9×."""
+    """On UCI wine (large residuals) the term trains lower than Gauss–Newton:
+    0.69× after 300 updates when measured (split 0). Single trajectories
+    move by ±20 % with rounding (benchmarks/RESULTS.md, Rounds 12 and 14),
+    so ≤ 0.85× is asserted."""
     model = eqx.nn.MLP(11, 1, 50, 1, activation=jnp.tanh, key=jax.random.key(0))
     x, y = jnp.asarray(wine.x_train), jnp.asarray(wine.y_train)
-    gn = alm_jax.fit(model, x, y, max_steps=150, progress=False)
-    so = alm_jax.fit(model, x, y, max_steps=150, progress=False, second_order=0.5)
+    gn = alm_jax.fit(model, x, y, max_steps=300, progress=False)
+    so = alm_jax.fit(model, x, y, max_steps=300, progress=False, second_order=0.5)
     assert np.all(np.isfinite(so.history.mse))
-    assert so.history.mse[-1] < 0.9 * gn.history.mse[-1]
+    assert so.history.mse[-1] < 0.85 * gn.history.mse[-1]
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [
