@@ -342,7 +342,7 @@ def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
     actual decrease better than Gauss–Newton, else drops to Gauss–Newton
     (Dennis, Gay & Welsch 1981). It pays where the residuals stay large:
     at 10 s, τ = 0.5 trained 0.73× as low on UCI wine (5/5 splits) and
-    0.95× on energy, 1.02–1.04× higher on concrete, power-plant and kin8nm
+    0.95× on energy, 1.01–1.04× higher on concrete, power-plant and kin8nm
     and 1.24× on yacht; τ = 1 did less well on wine per update
     (benchmarks/RESULTS.md, Round 14).
     The other options are `lm`'s.
