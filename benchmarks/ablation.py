@@ -8,8 +8,9 @@ penalty, inner step cap, damping of the states relative to the weights
 (down to 0: the lifted-Newton/condensing step), the damping carried across
 outer steps as is or rescaled by the penalty's growth, multiplier safeguarding,
 the CG solve's cap and tolerance (inner `cg`), a shortened trial after a
-rejected step (`backtrack`), and the multiplier update (first-order or the
-states' adjoint).
+rejected step (`backtrack`), the multiplier update (first-order or the
+states' adjoint), and the inner step's curvature term (`second_order`, one
+hidden layer).
 
     python benchmarks/ablation.py                       # 4 small sets, 2 splits, 10 s
     python benchmarks/ablation.py --datasets yacht --splits 1 --only base cap

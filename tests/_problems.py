@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import equinox as eqx
@@ -9,6 +10,8 @@ import jax
 import jax.numpy as jnp
 
 import alm_jax
+from alm_jax._chain import mlp_to_chain
+from alm_jax._inner import Problem as Subproblem
 from alm_jax._lifted import constraints_stacked, total_loss
 
 
@@ -36,6 +39,25 @@ def make_problem(depth=2, width=4, n_in=3, n_out=1, m=6, bias=True, final_bias=N
     lam_keys = jax.random.split(k[4], depth)
     multipliers = tuple(jax.random.normal(kk, s.shape, dtype) for s, kk in zip(states, lam_keys))
     return Problem(model, states, multipliers, x, y)
+
+
+def subproblem(depth, width, n_out, m=12, sigma=3.0, seed=0, loss="squared", act=jnp.tanh, perturb=0.3,
+               multiplier_scale=1.0):
+    """An ALM subproblem of `make_problem`'s MLP: `(params, spec, Z, alm_jax._inner.Problem)`.
+
+    For cross-entropy y is one-hot over the classes in turn; the multipliers
+    are `make_problem`'s times `multiplier_scale`.
+    """
+    pb = make_problem(depth=depth, width=width, n_out=n_out, m=m, seed=seed, act=act, perturb=perturb)
+    params, spec = mlp_to_chain(pb.model)
+    spec = dataclasses.replace(spec, loss=alm_jax.losses.get_loss(loss))
+    y = pb.y
+    if loss == "softmax_cross_entropy":
+        y = jax.nn.one_hot(jnp.arange(m) % n_out, n_out, dtype=y.dtype)
+    Z, Lam = jnp.stack(pb.states), jnp.stack(pb.multipliers)
+    if multiplier_scale != 1.0:
+        Lam = multiplier_scale * Lam
+    return params, spec, Z, Subproblem(spec, pb.x, y, Lam, jnp.asarray(sigma))
 
 
 def lagrangian_state_gradient(params, spec, x, y, Z, lam):

@@ -1,7 +1,5 @@
 """Inner solvers × problems: decrease, stopping rule, matrix-free accuracy, selection."""
 
-import dataclasses
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -21,22 +19,11 @@ from alm_jax._inner._lm import LMOptions, damped_step, lm_iteration
 from alm_jax._linalg._matfree import apply_ju, pcg, residual_gradient
 from alm_jax._linalg._schur import unflatten_weights
 
-from _problems import make_problem
+from _problems import make_problem, subproblem
 
 NAMES = ["lm", "gn", "cg", "lbfgs", "adam", "bcd"]
 SHAPES = {"depth1": dict(depth=1, width=5, n_out=2), "depth3": dict(depth=3, width=4, n_out=1),
           "xent_depth2": dict(depth=2, width=4, n_out=3, loss="softmax_cross_entropy")}
-
-
-def _subproblem(depth, width, n_out, m=12, sigma=3.0, seed=0, loss="squared"):
-    pb = make_problem(depth=depth, width=width, n_out=n_out, m=m, seed=seed)
-    params, spec = mlp_to_chain(pb.model)
-    spec = dataclasses.replace(spec, loss=alm_jax.losses.get_loss(loss))
-    y = pb.y
-    if loss == "softmax_cross_entropy":
-        y = jax.nn.one_hot(jnp.arange(m) % n_out, n_out, dtype=y.dtype)
-    Z, Lam = jnp.stack(pb.states), jnp.stack(pb.multipliers)
-    return params, spec, Z, inner_lib.Problem(spec, pb.x, y, Lam, jnp.asarray(sigma))
 
 
 def _objective(params, Z, p):
@@ -74,7 +61,7 @@ _EVERY_SHAPE = {"lm": SHAPES, "cg": SHAPES, "bcd": ("depth3", "xent_depth2")}
 def test_decreases_subproblem_objective(name, shape):
     """From a fixed infeasible start with nonzero λ, L_σ never increases for the
     monotone solvers (all but Adam) and falls by over 10 % in 20 iterations."""
-    params, spec, Z, p = _subproblem(**SHAPES[shape])
+    params, spec, Z, p = subproblem(**SHAPES[shape])
     solver = inner_lib.get_inner(name, **({"learning_rate": 3e-2} if name == "adam" else {}))
     _, _, values = _run(solver, params, Z, p, 20)
     assert np.all(np.isfinite(values))
@@ -91,7 +78,7 @@ STOP = {"lm": (40, 1e-8), "gn": (40, 1e-8), "cg": (60, 1e-8), "bcd": (400, 1e-4)
 
 @pytest.mark.parametrize("name", NAMES)
 def test_reaches_stopping_rule(name):
-    params, spec, Z, p = _subproblem(**SHAPES["depth3"])
+    params, spec, Z, p = subproblem(**SHAPES["depth3"])
     steps, tol = STOP[name]
     solver = inner_lib.get_inner(name, **({"learning_rate": 1e-2} if name == "adam" else {}))
     g0 = _grad_norm(params, Z, p)
@@ -105,7 +92,7 @@ def test_cg_step_converges_to_exact_step(shape, precondition):
     """The matrix-free step tends to the exact structured step as the CG
     tolerance tightens; at rtol 1e-11 they agree to 1e-10 (float64, P ≤ 61;
     tighter than ≈1e-12 the max-norm residual reaches its round-off floor)."""
-    params, spec, Z, p = _subproblem(**SHAPES[shape])
+    params, spec, Z, p = subproblem(**SHAPES[shape])
     mu_w, mu_z = 1e-2, 1e-4
     exact = structured_step(params, spec, p.x, p.y, Z, p.multipliers, p.sigma, mu_w, mu_z)
     flat = lambda t: jnp.concatenate([v.ravel() for v in jax.tree_util.tree_leaves(t)])  # noqa: E731
@@ -127,7 +114,7 @@ def test_cg_step_in_float32_matches_the_exact_step(shape):
     1.6e-5 (depth 1), 7.8e-5 (depth 3) and 1.1e-4 (cross-entropy) at
     rtol 1e-6 and unchanged at 1e-8, where the float64 solve reaches
     4e-9 to 4e-7 and 1e-10. Bound: 1e-3, and above 1e-7 (the solve ran in float32)."""
-    params, spec, Z, p = _subproblem(**SHAPES[shape])
+    params, spec, Z, p = subproblem(**SHAPES[shape])
     mu_w, mu_z = 1e-2, 1e-4
     exact = structured_step(params, spec, p.x, p.y, Z, p.multipliers, p.sigma, mu_w, mu_z)
     flat = lambda t: jnp.concatenate([v.ravel() for v in jax.tree_util.tree_leaves(t)])  # noqa: E731
@@ -196,7 +183,7 @@ def test_rollout_trial_point_is_never_worse(shape):
     trial points, so its objective is never higher, and at μ = 0.1 it is
     strictly lower (a step large enough for φ's curvature to matter: the plain
     trial is rejected on depth1, and the rolled-out one is 2.7× lower on depth3)."""
-    params, spec, Z, p = _subproblem(**SHAPES[shape])
+    params, spec, Z, p = subproblem(**SHAPES[shape])
     objs = {}
     for rollout in (False, True):
         opts = LMOptions(linear_solver="cholesky", rollout=rollout)
@@ -222,7 +209,7 @@ def test_backtracking_takes_the_quadratic_step_after_a_rejection(shape):
     1e-12 relative (float64, O(1) values), accepted iff f falls by more than
     1e-4 of the model's decrease −αs − ½α²‖Jd‖²; μ and ν grow as after the
     rejection. Where d is accepted it changes nothing (to round-off)."""
-    params, spec, Z, p = _subproblem(**SHAPES[shape])
+    params, spec, Z, p = subproblem(**SHAPES[shape])
     args = (spec, p.x, p.y, p.multipliers, p.sigma)
     plain, back = (LMOptions(linear_solver="cholesky", rollout=False, backtrack=b) for b in (False, True))
     mu, rejected = _first_rejected_damping(params, Z, p, plain)
@@ -261,7 +248,7 @@ def test_backtracking_decreases_subproblem_objective(name):
     """As `test_decreases_subproblem_objective`, with `backtrack=True` (and
     the rolled-out states): monotone, and below the plain solver's value after
     20 iterations or within 1e-9 of it (both at round-off there)."""
-    params, spec, Z, p = _subproblem(**SHAPES["depth3"])
+    params, spec, Z, p = subproblem(**SHAPES["depth3"])
     ends = {}
     for b in (False, True):
         _, _, values = _run(inner_lib.get_inner(name, backtrack=b), params, Z, p, 20)
@@ -275,7 +262,7 @@ def test_cg_preconditions_an_mlp_by_default():
     """precondition=None (the `cg` default) is the Kronecker preconditioner for
     an MLP: the truncated step (rtol 1e-2) equals precondition=True's bit for
     bit and differs from the unpreconditioned one."""
-    params, spec, Z, p = _subproblem(**SHAPES["depth3"])
+    params, spec, Z, p = subproblem(**SHAPES["depth3"])
 
     def step(pre):
         opts = LMOptions(linear_solver="cg", cg_rtol=1e-2, precondition=pre)
@@ -293,7 +280,7 @@ def test_one_layer_preconditioner_grams_are_exact(loss, n_out):
     closed form, equal the sample means of c P_ss c and c_oᵀ P_oo c_o with
     P = I − J_u (J_uᵀJ_u + μ_z I)⁻¹ J_uᵀ formed densely per sample (float64,
     entries O(1): agreement to 1e-12)."""
-    params, spec, Z, p = _subproblem(depth=1, width=5, n_out=n_out, loss=loss)
+    params, spec, Z, p = subproblem(depth=1, width=5, n_out=n_out, loss=loss)
     mu_z = 1e-3
     lin = linearise(params, spec, p.x, p.y, Z, p.multipliers, p.sigma)
     g_hid, g_out = _onelayer.stage_output_grams(lin, _onelayer.factor(lin, mu_z))
@@ -317,7 +304,7 @@ def test_deep_preconditioner_grams_in_the_condensing_limit(loss, n_out):
     (μ_z = 0, where the null-space form is exact; float64: to 1e-11 of the
     largest entry, which is 1e-4 to 1e-1 here: P projects onto n_y of the
     N·n + n_y rows)."""
-    params, spec, Z, p = _subproblem(depth=3, width=4, n_out=n_out, loss=loss)
+    params, spec, Z, p = subproblem(depth=3, width=4, n_out=n_out, loss=loss)
     lin = linearise(params, spec, p.x, p.y, Z, p.multipliers, p.sigma)
     g_h, g_out = _blocktri.stage_output_grams(lin)
     N, m, n = Z.shape
@@ -344,7 +331,7 @@ def test_forcing_gradient_from_the_linearisation(shape):
     """The forcing term's ∇f = Jᵀr, taken from the linearisation, equals
     jax.grad of ½‖lifted residual‖² over weights and states (float64, O(1)
     entries: 1e-12), with one penalty per constraint (row weights ω ≠ 1)."""
-    params, spec, Z, p = _subproblem(**SHAPES[shape])
+    params, spec, Z, p = subproblem(**SHAPES[shape])
     sigma = p.sigma * (1 + jnp.arange(Z.size).reshape(Z.shape) % 3).astype(Z.dtype)
     lin = linearise(params, spec, p.x, p.y, Z, p.multipliers, sigma)
     g_w, g_z = residual_gradient(lin)
@@ -357,7 +344,7 @@ def test_forcing_gradient_from_the_linearisation(shape):
 
 
 def test_apply_ju_is_adjoint_of_apply_jut():
-    params, spec, Z, p = _subproblem(depth=3, width=4, n_out=2)
+    params, spec, Z, p = subproblem(depth=3, width=4, n_out=2)
     lin = linearise(params, spec, p.x, p.y, Z, p.multipliers, p.sigma)
     k = jax.random.split(jax.random.key(3), 3)
     u = jax.random.normal(k[0], Z.shape)
@@ -450,7 +437,7 @@ def test_step_model_matches_autodiff(shape, penalty):
     merit, β·‖∇merit‖ by reverse mode, ½‖r‖² − ½‖r + J d‖² by forward mode
     and h + J_h d by forward mode (and the slope rᵀJ d and h) (float64, all O(1e-2..1e1): to 1e-12
     relative), for a scalar penalty and one per constraint."""
-    params, spec, Z, p = _subproblem(**SHAPES[shape])
+    params, spec, Z, p = subproblem(**SHAPES[shape])
     if PENALTIES[penalty]:
         scale = jnp.linspace(0.5, 2.0, Z.size).reshape(Z.shape)
         p = p._replace(sigma=p.sigma * scale)

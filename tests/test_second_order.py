@@ -8,8 +8,6 @@ accurate to ~1e-13; 1e-10 leaves margin while a wrong sign, weight or block
 gives errors of O(1).
 """
 
-import dataclasses
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -18,7 +16,6 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import alm_jax
-from alm_jax._chain import mlp_to_chain
 from alm_jax._inner._lm import LMOptions, _step_model, damped_step, lm_iteration
 from alm_jax._lifted import lifted_residual, merit
 from alm_jax._linalg import _curvature
@@ -26,7 +23,8 @@ from alm_jax._linalg._linearise import linearise
 from alm_jax._linalg._matfree import matfree_step, pcg
 from alm_jax._linalg._model import step_model
 
-from _problems import make_problem
+from _problems import subproblem
+
 
 @pytest.fixture(scope="module")
 def yacht():
@@ -48,13 +46,11 @@ CASES = {
 
 
 def _problem(width, n_out, loss, penalty, act, m=9):
-    pb = make_problem(depth=1, width=width, n_out=n_out, m=m, seed=1, perturb=0.5, act=act)
-    params, spec = mlp_to_chain(pb.model)
-    spec = dataclasses.replace(spec, loss=alm_jax.losses.get_loss(loss))
-    y = pb.y if loss == "squared" else jax.nn.one_hot(jnp.arange(m) % n_out, n_out, dtype=pb.y.dtype)
-    Z, Lam = jnp.stack(pb.states), 3 * jnp.stack(pb.multipliers)  # large multipliers: a large curvature term
-    sigma = jnp.asarray(3.0) if penalty == "scalar" else jnp.linspace(0.5, 2.0, Z.size).reshape(Z.shape)
-    return params, spec, pb.x, y, Z, Lam, sigma
+    # Large multipliers: a large curvature term.
+    params, spec, Z, p = subproblem(1, width, n_out, m=m, seed=1, loss=loss, act=act, perturb=0.5,
+                                    multiplier_scale=3.0)
+    sigma = p.sigma if penalty == "scalar" else jnp.linspace(0.5, 2.0, Z.size).reshape(Z.shape)
+    return params, spec, p.x, p.y, Z, p.multipliers, sigma
 
 
 def _dense(params, spec, x, y, Z, Lam, sigma):
