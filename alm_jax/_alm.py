@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from . import _lifted, _precision
+from ._chain import ChainSpec
 from ._models import to_chain, to_model
 from ._checks import check_choice, check_int, check_positive, check_xy
 from ._inner import InnerSolver, Problem, get_inner
@@ -99,6 +100,13 @@ class ALMSolver(NamedTuple):
     update: Any
 
 
+def _uses_adjoint(multipliers, spec) -> bool:
+    """Whether the outer step takes the adjoint multipliers (`alm`'s `multipliers`; spec is static)."""
+    if multipliers == "auto":
+        return isinstance(spec, ChainSpec) and spec.depth >= 2
+    return multipliers == "adjoint"
+
+
 def safeguard_penalty(sigma_new, sigma_old, loss_forward, loss_lifted, max_gap):
     """σ after the forward-loss safeguard (see `alm`'s `max_loss_gap`).
 
@@ -131,7 +139,7 @@ def alm(
     stationarity_tol: float = 1e-6,
     max_loss_gap: float | None = 1.0,
     max_stall: int | None = 10,
-    multipliers: str = "first_order",
+    multipliers: str = "auto",
     matmul_precision: str | None = _precision.DEFAULT,
     **inner_options,
 ) -> ALMSolver:
@@ -182,20 +190,23 @@ def alm(
             kin8nm ended at 0.0474 instead of 0.0485 (3 splits); power-plant
             and 10 s runs were unchanged within noise (benchmarks/RESULTS.md,
             Round 10). None turns it off.
-        multipliers: the outer step's multiplier update. "first_order" (the
-            default): λ ← λ + σh (Hestenes, Powell). "adjoint": λ ← the
-            multipliers that make the Lagrangian stationary in the states at
-            the new point, ∇_Z(Σℓ + ⟨λ, h⟩) = 0: backpropagation's adjoint
-            at the lifted states, a least-squares multiplier estimate that
-            is exact here because ∂h/∂Z is square and invertible. Both give
-            the same λ where a subproblem is solved exactly in the states;
-            otherwise λ + σh − λ_adjoint = (∂h/∂Z)⁻ᵀ∇_Z L_σ, the
-            subproblem's remaining state gradient. At equal time
-            (benchmarks/RESULTS.md, Round 13) "adjoint" trained lower on 8×8
-            and 16×8 networks on UCI concrete (0.43–0.56×, 0.82×), on wine
-            (0.91×) and yacht (0.76×), higher on energy (1.16×), kin8nm
-            (1.04×) and 4×16 concrete (1.09–1.19×). The multipliers start
-            at 0 either way.
+        multipliers: the outer step's multiplier update. "first_order":
+            λ ← λ + σh (Hestenes, Powell). "adjoint": λ ← the multipliers
+            that make the Lagrangian stationary in the states at the new
+            point, ∇_Z(Σℓ + ⟨λ, h⟩) = 0: backpropagation's adjoint at the
+            lifted states, a least-squares multiplier estimate that is exact
+            here because ∂h/∂Z is square and invertible. Both give the same
+            λ where a subproblem is solved exactly in the states; otherwise
+            λ + σh − λ_adjoint = (∂h/∂Z)⁻ᵀ∇_Z L_σ, the subproblem's
+            remaining state gradient. "auto" (the default): "adjoint" for an
+            `eqx.nn.MLP` with two or more hidden layers, "first_order"
+            otherwise. At equal time (benchmarks/RESULTS.md, Rounds 13 and
+            15) "adjoint" trained lower on deep networks: 8×8 and 16×8 on UCI
+            concrete (0.31–0.56×, 0.82×), 4×16 yacht (0.17×), teacher–student
+            8×8 and 16×8 (0.89–0.99×), 4×16 concrete within noise (0.99×
+            today, 1.09–1.19× in Round 13); with one hidden layer it was
+            mixed (wine 0.91×, yacht 0.76×, energy 1.16×, kin8nm 1.04×).
+            The multipliers start at 0 either way.
         matmul_precision: precision of the matrix products in `init` and
             `update`, a `jax.default_matmul_precision` name. The default,
             "highest", multiplies float32 in float32. On an H100, JAX's own
@@ -229,7 +240,7 @@ def alm(
     if max_loss_gap is not None:
         check_positive("max_loss_gap", max_loss_gap, allow_zero=True)
     max_stall = check_int("max_stall", max_stall, allow_none=True)
-    check_choice("multipliers", multipliers, ("first_order", "adjoint"))
+    check_choice("multipliers", multipliers, ("auto", "first_order", "adjoint"))
     _precision.check_matmul_precision(matmul_precision)
     bound = pol.multiplier_bound
 
@@ -290,7 +301,7 @@ def alm(
         if max_stall is not None:
             raised, stall = stall_penalty(new_pol.sigma, state.policy.sigma, stall, max_stall)
             new_pol = new_pol._replace(sigma=raised)
-        if multipliers == "adjoint":
+        if _uses_adjoint(multipliers, spec):
             # Computed on every update and kept only at a subproblem's end,
             # as the first-order update is (`pick` below).
             lam_new = _lifted.adjoint_multipliers(params, spec, x, y, h)

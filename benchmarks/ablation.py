@@ -77,6 +77,7 @@ GROUPS = {
     },
     "multipliers": {
         "adjoint multipliers": _with(multipliers="adjoint"),
+        "first-order multipliers": _with(multipliers="first_order"),
     },
     "second_order": {
         "second_order=0.5": _with(second_order=0.5),

@@ -113,8 +113,8 @@ def main(argv=None, alm_variants=None):
                     help="the inner cg's CG dtype (default: the library's, the model's dtype)")
     ap.add_argument("--max-stall", default=None,
                     help="ALM's max_stall (default: the library's); 'none' turns the stall safeguard off")
-    ap.add_argument("--multipliers", default=None, choices=["first_order", "adjoint"],
-                    help="ALM's multiplier update (default: the library's, first_order)")
+    ap.add_argument("--multipliers", default=None, choices=["auto", "first_order", "adjoint"],
+                    help="ALM's multiplier update (default: the library's, auto: adjoint from two hidden layers)")
     ap.add_argument("--second-order", type=float, default=None,
                     help="the inner cg's second_order weight (default: the library's, 0: Gauss–Newton)")
     ap.add_argument("--dtype", default="float64", choices=["float32", "float64"],

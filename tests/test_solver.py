@@ -169,22 +169,28 @@ def test_forward_loss_safeguard_raises_capped_penalty(yacht, gap, expect):
     assert float(state.policy.sigma) == expect
 
 
-def test_adjoint_multiplier_update(yacht):
-    """`multipliers="adjoint"`: at the end of a subproblem λ becomes the adjoint at the new
-    point (the idle inner solver keeps it, so the point is known), not λ + σh; they differ
-    since the states are off the forward pass and not a minimiser of L_σ."""
+@pytest.mark.parametrize("multipliers, depth, adjoint", [
+    ("adjoint", 2, True), ("adjoint", 1, True), ("auto", 2, True), (None, 2, True), (None, 3, True),
+    (None, 1, False), ("first_order", 2, False),
+])
+def test_multiplier_update(yacht, multipliers, depth, adjoint):
+    """At the end of a subproblem λ becomes the adjoint at the new point (the idle inner
+    solver keeps it, so the point is known) with `multipliers="adjoint"`, and with the
+    default "auto" (None: not passed) from two hidden layers on; otherwise λ + σh. The two differ by more
+    than 0.1 here, since the states are off the forward pass and not a minimiser of L_σ."""
     x, y = jnp.asarray(yacht.x_train[:64]), jnp.asarray(yacht.y_train[:64])
-    model = eqx.nn.MLP(6, 1, 8, 2, activation=jnp.tanh, key=jax.random.key(0))
-    solver = _idle_solver(multipliers="adjoint")
+    model = eqx.nn.MLP(6, 1, 8, depth, activation=jnp.tanh, key=jax.random.key(0))
+    solver = _idle_solver() if multipliers is None else _idle_solver(multipliers=multipliers)
     state = solver.init(model, x, y)
     np.testing.assert_array_equal(state.multipliers, 0)
     state = eqx.tree_at(lambda s: s.states, state, state.states + 0.01)
     sigma, lam = state.policy.sigma, state.multipliers
     h = alm_jax._lifted.constraints_stacked(state.params, state.spec, x, state.states)
     new, _ = jax.jit(solver.update)(state, x, y)
-    expect = alm_jax._lifted.adjoint_multipliers(state.params, state.spec, x, y, h)
-    np.testing.assert_allclose(new.multipliers, expect, rtol=1e-12, atol=1e-15)
-    assert float(jnp.max(jnp.abs(new.multipliers - (lam + sigma * h)))) > 1.0
+    adj = alm_jax._lifted.adjoint_multipliers(state.params, state.spec, x, y, h)
+    first = lam + sigma * h
+    assert float(jnp.max(jnp.abs(adj - first))) > 0.1
+    np.testing.assert_allclose(new.multipliers, adj if adjoint else first, rtol=1e-12, atol=1e-15)
 
 
 def test_adjoint_multipliers_train_yacht(yacht):
@@ -216,7 +222,7 @@ def test_stall_safeguard_raises_capped_penalty(yacht, max_stall, expect):
     subproblem that raised it still uses the σ it was solved with."""
     x, y = jnp.asarray(yacht.x_train[:64]), jnp.asarray(yacht.y_train[:64])
     model = eqx.nn.MLP(6, 1, 8, 2, activation=jnp.tanh, key=jax.random.key(0))
-    solver = _idle_solver(max_stall=max_stall)
+    solver = _idle_solver(max_stall=max_stall, multipliers="first_order")
     state = solver.init(model, x, y)
     state = eqx.tree_at(lambda s: s.states, state, state.states + 0.01)  # h ≠ 0, constant
     h = alm_jax._lifted.constraints_stacked(state.params, state.spec, x, state.states)

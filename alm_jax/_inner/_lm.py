@@ -319,6 +319,9 @@ def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
     default the forcing term min(forcing_max, √‖∇f‖), or after
     `max_cg_steps` products. A forcing cap of 0.5 lost 1.5× on UCI kin8nm
     at 10 s; 0.03 to 0.2 trained alike (benchmarks/RESULTS.md).
+    `max_cg_steps=30` trained 0.28–0.90× as low on deep networks whose
+    residuals stay large (8×8 teacher–student, 8×8 and 4×16 UCI concrete,
+    30 s) but 27–470× higher on near-zero-residual fits (Round 15).
     `precondition` (default: on for an `eqx.nn.MLP`, which has them; off
     for a general layer chain) applies per-layer Kronecker factors. Under
     lineax's componentwise stopping test it raised the CG iterations 2–6×
