@@ -204,7 +204,7 @@ def alm(
             15) "adjoint" trained lower on deep networks: 8×8 and 16×8 on UCI
             concrete (0.31–0.56×, 0.82×), 4×16 yacht (0.17×), teacher–student
             8×8 and 16×8 (0.89–0.99×), 4×16 concrete within noise (0.99×
-            today, 1.09–1.19× in Round 13); with one hidden layer it was
+            in Round 15, 1.09–1.19× in Round 13); with one hidden layer it was
             mixed (wine 0.91×, yacht 0.76×, energy 1.16×, kin8nm 1.04×).
             The multipliers start at 0 either way.
         matmul_precision: precision of the matrix products in `init` and
