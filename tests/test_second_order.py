@@ -96,7 +96,7 @@ def test_model_curvature_matches_autodiff(case):
     d = jax.random.normal(key[0], (curv.shape[0],), curv.dtype)
     dp, dz = unravel(d)
     lin = linearise(params, spec, x, y, Z, Lam, sigma)
-    got = step_model(lin, spec, Lam, sigma, dp, dz, _curvature.curvature(lin, params, spec, x)).second_order
+    got = step_model(lin, spec, Lam, sigma, dp, dz, _curvature.curvature(lin, params, spec)).second_order
     np.testing.assert_allclose(got, 0.5 * d @ curv @ d, rtol=1e-12)
 
 

@@ -120,7 +120,7 @@ def _step_model(params, Z, spec, x, y, Lam, sigma, dp, dz, rollout, second_order
     layer chain the last two are None unless `rollout`)."""
     if not isinstance(spec, LayerSpec):
         lin = linearise(params, spec, x, y, Z, Lam, sigma)
-        q = _curvature.curvature(lin, params, spec, x) if second_order else None
+        q = _curvature.curvature(lin, params, spec) if second_order else None
         return step_model(lin, spec, Lam, sigma, dp, dz, q)
 
     def res(p, z):

@@ -43,27 +43,26 @@ def check_supported(spec):
         raise ValueError(f"second_order: implemented for an eqx.nn.MLP with one hidden layer, got depth {spec.depth}.")
 
 
-def curvature(lin: Linearisation, params: DenseParams, spec: ChainSpec, x, weight=1.0):
+def curvature(lin: Linearisation, params: DenseParams, spec: ChainSpec, weight=1.0):
     """weight·q, shaped (m, n): C's per-sample, per-unit factor."""
-    s0 = x @ params.w_in.T
-    if params.b_in is not None:
-        s0 = s0 + params.b_in
+    s0 = _first_layer(lin, params)
     d2phi = jax.jvp(lambda s: spec.act_and_grad(s)[1], (s0,), (jnp.ones_like(s0),))[1]
     return -weight * lin.omega[0] * lin.r_h[0] * d2phi
 
 
-def _first_layer_change(lin: Linearisation, dtheta: DenseParams):
-    return lin.zt_in @ layer_blocks(dtheta)[0].T  # (m, n): ds_0 = dW̃_0 x̃
+def _first_layer(lin: Linearisation, weights: DenseParams):
+    """W̃_0 x̃, (m, n): the first layer's pre-activations s_0 for the weights, ds_0 for a change dθ."""
+    return lin.zt_in @ layer_blocks(weights)[0].T
 
 
 def apply(q, lin: Linearisation, dtheta: DenseParams):
     """C dθ as a flat weight vector (nonzero in the first layer's block only)."""
-    first = jnp.einsum("ma,mk->ak", q * _first_layer_change(lin, dtheta), lin.zt_in).reshape(-1)
+    first = jnp.einsum("ma,mk->ak", q * _first_layer(lin, dtheta), lin.zt_in).reshape(-1)
     rest = sum(b.size for b in layer_blocks(dtheta)[1:])
     return jnp.concatenate([first, jnp.zeros((rest,), first.dtype)])
 
 
 def quadratic(q, lin: Linearisation, dtheta: DenseParams):
     """½ dθᵀC dθ."""
-    ds = _first_layer_change(lin, dtheta)
+    ds = _first_layer(lin, dtheta)
     return 0.5 * jnp.sum(q * ds * ds)

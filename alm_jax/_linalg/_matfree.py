@@ -223,7 +223,7 @@ def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=
         (dparams, dZ, cg_steps).
     """
     lin = linearise(params, spec, x, y, Z, Lam, sigma)
-    curv = None if curvature_weight is None else _curvature.curvature(lin, params, spec, x, curvature_weight)
+    curv = None if curvature_weight is None else _curvature.curvature(lin, params, spec, curvature_weight)
     if rtol is None:
         rtol = forcing_term(residual_gradient(lin), forcing_max)
     if solve_dtype is not None:
