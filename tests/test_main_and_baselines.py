@@ -66,7 +66,11 @@ def test_baselines_reduce_mse_within_budget(trainer):
     run = trainer(model, x, y, time_budget=budget)
     mse0 = float(jnp.mean((jax.vmap(model)(x) - y) ** 2))
     assert run.mses and run.mses[-1] < 0.5 * mse0
-    assert run.seconds <= budget + max(0.5, 2 * float(np.median(np.diff(run.times))) if len(run.times) > 1 else 0.5)
+    # The loop stops when its next call would overrun, so it overshoots by
+    # about one call; the 1 s floor is scheduler noise: on the 2-core CI
+    # runner under `-n auto` one 9 ms call of train_optx_lm once took 0.75 s.
+    step = float(np.median(np.diff(run.times))) if len(run.times) > 1 else 0.0
+    assert run.seconds <= budget + max(1.0, 2 * step)
 
 
 @pytest.mark.parametrize("trainer", [train_adam, train_lbfgs])
