@@ -87,9 +87,10 @@ def test_time_budget_is_honoured(yacht):
     res = alm_jax.fit(model, yacht.x_train, yacht.y_train, solver=solver, time_budget=budget, progress=False)
     elapsed = time.perf_counter() - t0
     # The loop stops before an update whose expected duration would overrun;
-    # allow 0.5 s or two updates of slack for timing noise on a shared machine.
+    # allow 1 s or two updates of slack for scheduler noise (the 2-core CI
+    # runner once stalled a 9 ms baseline call for 0.75 s under `-n auto`).
     steps = np.diff(res.history.time)
-    slack = max(0.5, 2 * float(np.median(steps))) if len(steps) else 0.5
+    slack = max(1.0, 2 * float(np.median(steps))) if len(steps) else 1.0
     assert elapsed <= budget + slack
     assert len(res.history.mse) > 0
     assert res.history.time[-1] <= budget + slack
