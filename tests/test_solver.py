@@ -177,8 +177,9 @@ def test_forward_loss_safeguard_raises_capped_penalty(yacht, gap, expect):
 def test_multiplier_update(yacht, multipliers, depth, adjoint):
     """At the end of a subproblem λ becomes the adjoint at the new point (the idle inner
     solver keeps it, so the point is known) with `multipliers="adjoint"`, and with the
-    default "auto" (None: not passed) from two hidden layers on; otherwise λ + σh. The two differ by more
-    than 0.1 here, since the states are off the forward pass and not a minimiser of L_σ."""
+    default "auto" (None: not passed) from two hidden layers on; otherwise λ + σh. The
+    two differ by more than 0.1 here, since the states are off the forward pass and not
+    a minimiser of L_σ."""
     x, y = jnp.asarray(yacht.x_train[:64]), jnp.asarray(yacht.y_train[:64])
     model = eqx.nn.MLP(6, 1, 8, depth, activation=jnp.tanh, key=jax.random.key(0))
     solver = _idle_solver() if multipliers is None else _idle_solver(multipliers=multipliers)
