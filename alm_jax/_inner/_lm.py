@@ -47,6 +47,9 @@ from .._linalg._matfree import FORCING_MAX
 from ._base import InnerResult, InnerSolver, Problem, nielsen, tree_add, tree_where
 
 LINEAR_SOLVERS = ("auto", "cholesky", "cg")
+# `adapt_cap`: the limit's floor, the average's weight, and the acceptance
+# rates below which the limit halves and above which it doubles.
+_CAP_MIN, _CAP_WEIGHT, _CAP_SHRINK, _CAP_GROW = 10, 0.2, 0.5, 0.8
 
 
 class LMOptions(NamedTuple):
@@ -64,6 +67,7 @@ class LMOptions(NamedTuple):
     rollout: bool = True
     backtrack: bool = False
     second_order: float = 0.0  # the curvature term's weight when it is on; 0: Gauss–Newton throughout
+    adapt_cg_steps: bool = False  # CG's product limit adapted between iterations (`adapt_cap`)
 
 
 class LMResult(NamedTuple):
@@ -75,6 +79,7 @@ class LMResult(NamedTuple):
     objective: jnp.ndarray  # ½‖F_σ‖² at the returned point
     grad_norm: jnp.ndarray  # ‖∇L_σ‖ at the point the iteration started from
     curvature_weight: jnp.ndarray | None = None
+    cg_cap: tuple | None = None  # (CG's product limit, acceptance rate) for the next step (`adapt_cg_steps`)
 
 
 class LMState(NamedTuple):
@@ -82,6 +87,7 @@ class LMState(NamedTuple):
     nu: jnp.ndarray
     beta: jnp.ndarray  # the reference penalty the damping was adapted at
     curvature_weight: jnp.ndarray | None = None  # τ of the next step (`second_order`)
+    cg_cap: tuple | None = None  # (CG's product limit, acceptance rate) for the next step (`adapt_cg_steps`)
 
 
 def initial_damping(params, spec, x, y, Z, Lam, sigma, tau=1e-3):
@@ -106,14 +112,42 @@ def resolve_linear_solver(name: str, spec) -> str:
 
 def damped_step(params, Z, spec, x, y, Lam, sigma, mu_w, mu_z, opts: LMOptions, curvature_weight=None):
     """The structured step, exact or by CG, for damping (μ_w, μ_z) (and a curvature weight τ, CG only)."""
-    if resolve_linear_solver(opts.linear_solver, spec) == "cholesky":
-        return structured_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, opts.chunk_size)
-    rtol = None if opts.cg_rtol is None else jnp.asarray(opts.cg_rtol, spec.dtype)
-    dp, dz, _ = matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=opts.cg_max_steps,
-                             precondition=opts.precondition, forcing_max=opts.cg_forcing_max,
-                             solve_dtype=opts.solve_dtype, curvature_weight=curvature_weight)
-    return dp, dz
+    return _counted_step(params, Z, spec, x, y, Lam, sigma, mu_w, mu_z, opts, curvature_weight)[:2]
 
+
+def _counted_step(params, Z, spec, x, y, Lam, sigma, mu_w, mu_z, opts: LMOptions, curvature_weight=None, cap=None):
+    """`damped_step` and CG's product count (0 for the exact step), at most `cap` products if given."""
+    if resolve_linear_solver(opts.linear_solver, spec) == "cholesky":
+        dp, dz = structured_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, opts.chunk_size)
+        return dp, dz, jnp.zeros((), jnp.int32)
+    rtol = None if opts.cg_rtol is None else jnp.asarray(opts.cg_rtol, spec.dtype)
+    return matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=opts.cg_max_steps,
+                        precondition=opts.precondition, forcing_max=opts.cg_forcing_max,
+                        solve_dtype=opts.solve_dtype, curvature_weight=curvature_weight, cap=cap)
+
+
+def adapt_cap(cap, steps, accepted, cap_max):
+    """CG's next product limit from the acceptance of the steps CG ended at its limit.
+
+    `cap` is (limit, a), a an exponential average (weight 1/5) of whether
+    such steps were accepted. Below a = 1/2 the limit halves (down to 10),
+    above a = 4/5 it doubles (up to `cap_max`); steps CG ended on its
+    tolerance leave both alone. CG's iterates from 0 grow in norm (Steihaug
+    1983), so a lower limit gives a shorter step, as a smaller trust region
+    would. Where the residuals stay large, capped steps were mostly
+    rejected (8×8 network, UCI concrete: median ρ ≈ 0) and shorter ones
+    pay; on near-zero-residual fits they were accepted at ρ ≈ 0.5–1 (4×16,
+    UCI yacht) and the full limit pays. Averaging keeps one unlucky step
+    from halving the limit: halving after every rejected capped step locked
+    yacht into alternating rejected 100-product and accepted 50-product
+    steps (benchmarks/RESULTS.md, Round 16).
+    """
+    limit, rate = cap
+    hit = steps >= limit
+    rate = jnp.where(hit, (1 - _CAP_WEIGHT) * rate + _CAP_WEIGHT * accepted.astype(rate.dtype), rate)
+    limit = jnp.where(hit & (rate > _CAP_GROW), jnp.minimum(2 * limit, cap_max), limit)
+    limit = jnp.where(hit & (rate < _CAP_SHRINK), jnp.maximum(limit // 2, min(_CAP_MIN, cap_max)), limit)
+    return limit.astype(jnp.int32), rate
 
 def _step_model(params, Z, spec, x, y, Lam, sigma, dp, dz, rollout, second_order=False) -> StepModel:
     """f and ‖∇f‖ at the current point, the model's decrease along d, its slope rᵀJ d, h + J_h d and h (for a
@@ -173,8 +207,10 @@ def _backtrack_length(f0, f1, slope):
     return jnp.clip(alpha, 0.1, 0.5)
 
 
-def lm_iteration(params, Z, spec, x, y, Lam, sigma, damping, nu, opts: LMOptions, tau=None) -> LMResult:
-    dp, dz = damped_step(params, Z, spec, x, y, Lam, sigma, damping, opts.state_damping_ratio * damping, opts, tau)
+def lm_iteration(params, Z, spec, x, y, Lam, sigma, damping, nu, opts: LMOptions, tau=None,
+                 cg_cap=None) -> LMResult:
+    dp, dz, cg_steps = _counted_step(params, Z, spec, x, y, Lam, sigma, damping, opts.state_damping_ratio * damping,
+                                     opts, tau, None if cg_cap is None else cg_cap[0])
     model = _step_model(params, Z, spec, x, y, Lam, sigma, dp, dz, opts.rollout, tau is not None)
     f0, gnorm, pred = model.objective, model.gradient_norm, model.predicted
     if tau is not None:
@@ -226,10 +262,11 @@ def lm_iteration(params, Z, spec, x, y, Lam, sigma, damping, nu, opts: LMOptions
         pred_so = pred_gn - opts.second_order * model.second_order
         better = jnp.abs(actual - pred_so) < jnp.abs(actual - pred_gn)
         new_tau = jnp.where(jnp.isfinite(actual) & better, opts.second_order, 0).astype(tau.dtype)
+    new_cap = None if cg_cap is None else adapt_cap(cg_cap, cg_steps, ok_full, opts.cg_max_steps)
     params = tree_where(ok, p1, params)
     Z = jnp.where(ok, z1, Z)
     grad_norm = penalty_split(sigma)[0] * gnorm  # ∇L_σ = β∇f
-    return LMResult(params, Z, new_damping, new_nu, ok, jnp.where(ok, f1, f0), grad_norm, new_tau)
+    return LMResult(params, Z, new_damping, new_nu, ok, jnp.where(ok, f1, f0), grad_norm, new_tau, new_cap)
 
 
 def _lm_solver(name, opts: LMOptions, init_damping, max_steps, rescale_damping) -> InnerSolver:
@@ -242,7 +279,10 @@ def _lm_solver(name, opts: LMOptions, init_damping, max_steps, rescale_damping) 
         if opts.second_order:
             _curvature.check_supported(pb.spec)  # at `alm(...).init`, before any step is compiled
             tau = jnp.asarray(opts.second_order, pb.spec.dtype)
-        return LMState(mu0, jnp.asarray(2, pb.spec.dtype), jnp.max(pb.sigma).astype(pb.spec.dtype), tau)
+        cap = None
+        if opts.adapt_cg_steps and resolve_linear_solver(opts.linear_solver, pb.spec) == "cg":
+            cap = (jnp.asarray(opts.cg_max_steps, jnp.int32), jnp.ones((), pb.spec.dtype))
+        return LMState(mu0, jnp.asarray(2, pb.spec.dtype), jnp.max(pb.sigma).astype(pb.spec.dtype), tau, cap)
 
     def restart(s: LMState, params, Z, pb: Problem):
         # After condensing the states, the weights' system carries the loss
@@ -250,13 +290,13 @@ def _lm_solver(name, opts: LMOptions, init_damping, max_steps, rescale_damping) 
         beta = jnp.max(pb.sigma).astype(s.beta.dtype)
         damping = s.damping * s.beta / beta if rescale_damping else s.damping
         damping = jnp.clip(damping, opts.damping_min, opts.damping_max)
-        return LMState(damping, s.nu, beta, s.curvature_weight)
+        return LMState(damping, s.nu, beta, s.curvature_weight, s.cg_cap)
 
     def step(params, Z, s: LMState, pb: Problem):
         r = lm_iteration(params, Z, pb.spec, pb.x, pb.y, pb.multipliers, pb.sigma, s.damping, s.nu, opts,
-                         s.curvature_weight)
-        return InnerResult(r.params, r.states, LMState(r.damping, r.nu, s.beta, r.curvature_weight), r.accepted,
-                           r.damping, r.grad_norm)
+                         s.curvature_weight, s.cg_cap)
+        return InnerResult(r.params, r.states, LMState(r.damping, r.nu, s.beta, r.curvature_weight, r.cg_cap),
+                           r.accepted, r.damping, r.grad_norm)
 
     return InnerSolver(name, init, restart, step, max_steps)
 
@@ -311,7 +351,7 @@ def lm(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
 def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, rtol: float | None = None,
        forcing_max: float = FORCING_MAX, max_cg_steps: int = 100, precondition: bool | None = None, max_steps: int = 3,
        rescale_damping: bool = False, rollout: bool = True, solve_dtype=None, backtrack: bool = False,
-       second_order: float = 0.0) -> InnerSolver:
+       second_order: float = 0.0, adapt_cg_steps: bool = True) -> InnerSolver:
     """Truncated Gauss–Newton: LM with CG on the reduced weight system, matrix free.
 
     Memory O(#weights + m·depth·width²): S is never formed. CG stops at
@@ -319,9 +359,15 @@ def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
     default the forcing term min(forcing_max, √‖∇f‖), or after
     `max_cg_steps` products. A forcing cap of 0.5 lost 1.5× on UCI kin8nm
     at 10 s; 0.03 to 0.2 trained alike (benchmarks/RESULTS.md).
-    `max_cg_steps=30` trained 0.28–0.90× as low on deep networks whose
-    residuals stay large (8×8 teacher–student, 8×8 and 4×16 UCI concrete,
-    30 s) but 27–470× higher on near-zero-residual fits (Round 15).
+    `adapt_cg_steps` (the default) lowers that limit, by halves down to 10
+    products, while steps that CG ended at it are mostly rejected, and
+    raises it back while they are accepted (`adapt_cap`). At 30 s it
+    trained 0.45–0.95× as low on deep networks whose residuals stay large
+    (4×16, 8×8 and 16×8 on UCI concrete, 8×8 teacher–student) and at 10 s
+    within ±2 % on five 1×50 UCI sets, but higher on near-zero-residual
+    fits that stay far below the peers (1×50 yacht 1.7×, 4×16 yacht up to
+    55× on one split of three; Round 16). A fixed `max_cg_steps=30` had
+    gained less on the former and cost 27–470× on the latter (Round 15).
     `precondition` (default: on for an `eqx.nn.MLP`, which has them; off
     for a general layer chain) applies per-layer Kronecker factors. Under
     lineax's componentwise stopping test it raised the CG iterations 2–6×
@@ -363,5 +409,5 @@ def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
                      cg_forcing_max=forcing_max, cg_max_steps=max_cg_steps,
                      precondition=None if precondition is None else bool(precondition),
                      rollout=bool(rollout), solve_dtype=solve_dtype, backtrack=bool(backtrack),
-                     second_order=float(second_order))
+                     second_order=float(second_order), adapt_cg_steps=bool(adapt_cg_steps))
     return _lm_solver("cg", opts, init_damping, max_steps, bool(rescale_damping))

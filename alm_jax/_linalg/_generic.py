@@ -47,7 +47,7 @@ from .._layers import LayerSpec, sample_constraints, sample_output, split_states
 from .._lifted import penalty_split
 from . import _probes
 from ._blocktri import _tri_inv
-from ._matfree import FORCING_MAX, forcing_term, pcg
+from ._matfree import FORCING_MAX, forcing_term, pcg, step_limit
 from ._schur import solve_spd
 
 # Elements of the residual-sized work arrays of one batch of weight directions (~256 MiB in float64).
@@ -383,7 +383,7 @@ def structured_step(params, spec: LayerSpec, x, y, Z, Lam, sigma, mu_w, mu_z, ch
 
 @functools.partial(jax.jit, static_argnames=("spec", "max_steps"))
 def matfree_step(params, spec: LayerSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=None, max_steps=100,
-                 forcing_max=FORCING_MAX):
+                 forcing_max=FORCING_MAX, cap=None):
     """Inexact minimiser by CG on the reduced system, S applied by jvp/vjp; returns (dparams, dZ, steps).
 
     rtol None: the forcing term min(forcing_max, √‖∇f‖) (`_matfree.forcing_term`).
@@ -392,7 +392,7 @@ def matfree_step(params, spec: LayerSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=
     g = red.gradient()
     if rtol is None:
         rtol = forcing_term(red.residual_gradient(), forcing_max)
-    value, steps = pcg(lambda v: red.s_times(v) + mu_w * v, -g, rtol, max_steps)
+    value, steps = pcg(lambda v: red.s_times(v) + mu_w * v, -g, rtol, step_limit(max_steps, cap))
     dparams, dz = red.finish(value)
     return dparams, dz, steps
 

@@ -106,6 +106,11 @@ def pcg(apply, b, rtol, max_steps, precondition=None, has_aux=False):
     return (x, steps, tx) if has_aux else (x, steps)
 
 
+def step_limit(max_steps, cap):
+    """CG's product limit: the static `max_steps`, or a traced `cap` below it."""
+    return max_steps if cap is None else jnp.minimum(cap, max_steps)
+
+
 def forcing_term(grad, forcing_max):
     """η = min(η_max, √‖∇f‖), ∇f a pytree, f = ½‖r‖² (Dembo, Eisenstat & Steihaug 1982)."""
     return jnp.minimum(forcing_max, jnp.sqrt(optax.tree_utils.tree_norm(grad)))
@@ -206,13 +211,13 @@ def _preconditioner(spec, factors, m, mu):
 
 @functools.partial(jax.jit, static_argnames=("spec", "max_steps", "precondition", "solve_dtype"))
 def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=None, max_steps=100,
-                 precondition=False, forcing_max=FORCING_MAX, solve_dtype=None, curvature_weight=None):
+                 precondition=False, forcing_max=FORCING_MAX, solve_dtype=None, curvature_weight=None, cap=None):
     """Inexact minimiser of ‖J d + r‖² + μ_w‖dθ‖² + μ_z‖dZ‖² by CG on the reduced system.
 
     CG stops at relative residual ≈ rtol (the norm-wise test of `pcg`)
-    or after `max_steps` products; rtol None takes the forcing term
-    min(forcing_max, √‖∇f‖) (`forcing_term`, from the model-dtype
-    linearisation). `solve_dtype` (None: the model's) is the dtype CG and
+    or after `max_steps` products (or `cap`, a traced count, if fewer);
+    rtol None takes the forcing term min(forcing_max, √‖∇f‖)
+    (`forcing_term`, from the model-dtype linearisation). `solve_dtype` (None: the model's) is the dtype CG and
     its products run in; the step is returned in the model's dtype.
     `curvature_weight` τ (None: Gauss–Newton) adds τ·C, the stage rows'
     second-order term (`_curvature`, one hidden layer), to the reduced
@@ -252,5 +257,5 @@ def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=
     # The states' back-substitution dZ = −H⁻¹J_uᵀ(r + J_θ dθ) = −(t_r + T dθ)
     # with T = H⁻¹J_uᵀJ_θ, which every product S p already applies: CG
     # accumulates T dθ, and no further state solve is compiled or run.
-    value, steps, t_d = pcg(s_apply, -g, rtol, max_steps, pre, has_aux=True)
+    value, steps, t_d = pcg(s_apply, -g, rtol, step_limit(max_steps, cap), pre, has_aux=True)
     return unflatten_weights(value.astype(spec.dtype), spec), (-(t_r + t_d)).astype(spec.dtype), steps

@@ -18,7 +18,7 @@ def structured_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, chunk=None):
 
 
 def matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=None, max_steps=100, precondition=False,
-                 forcing_max=_matfree.FORCING_MAX, solve_dtype=None, curvature_weight=None):
+                 forcing_max=_matfree.FORCING_MAX, solve_dtype=None, curvature_weight=None, cap=None):
     """CG on the reduced weight system: `(dparams, dZ, cg_steps)`.
 
     CG's tolerance is `rtol`, or if None the forcing term min(forcing_max, √‖∇f‖)
@@ -45,7 +45,7 @@ def matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=None, max_s
             raise ValueError(f"solve_dtype={solve_dtype}: a general layer chain's CG runs in the model's dtype "
                              f"({jnp.dtype(spec.dtype).name}); mixed precision needs an eqx.nn.MLP model.")
         return _generic.matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=max_steps,
-                                     forcing_max=forcing_max)
+                                     forcing_max=forcing_max, cap=cap)
     return _matfree.matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=max_steps,
                                  precondition=precondition, forcing_max=forcing_max, solve_dtype=solve_dtype,
-                                 curvature_weight=curvature_weight)
+                                 curvature_weight=curvature_weight, cap=cap)
