@@ -18,18 +18,17 @@ def _adapt(limit, rate, steps, accepted, cap_max=100):
     return int(lim), float(r)
 
 
-@pytest.mark.parametrize("limit, rate, steps, accepted, expect", [
-    (100, 0.3, 40, False, (100, 0.3)),  # CG ended on its tolerance: nothing learnt
-    (100, 1.0, 100, False, (100, 0.8)),  # one rejection from 1: 0.8, neither bound crossed
-    (100, 0.6, 100, False, (50, 0.48)),  # the average falls below 1/2: halve
-    (12, 0.4, 12, False, (10, 0.32)),  # halving stops at the floor of 10
-    (8, 0.4, 8, False, (8, 0.32)),  # a cap_max below the floor is the floor
-    (25, 0.8, 25, True, (50, 0.84)),  # above 4/5: double
-    (80, 1.0, 80, True, (100, 1.0)),  # doubling stops at cap_max
-    (50, 0.7, 50, True, (50, 0.76)),  # between the bounds: keep
+@pytest.mark.parametrize("limit, rate, steps, accepted, cap_max, expect", [
+    (100, 0.3, 40, False, 100, (100, 0.3)),  # CG ended on its tolerance: nothing learnt
+    (100, 1.0, 100, False, 100, (100, 0.8)),  # one rejection from 1: 0.8, neither bound crossed
+    (100, 0.6, 100, False, 100, (50, 0.48)),  # the average falls below 1/2: halve
+    (12, 0.4, 12, False, 100, (10, 0.32)),  # halving stops at the floor of 10
+    (8, 0.4, 8, False, 8, (8, 0.32)),  # a cap_max below the floor is the floor
+    (25, 0.8, 25, True, 100, (50, 0.84)),  # above 4/5: double
+    (80, 1.0, 80, True, 100, (100, 1.0)),  # doubling stops at cap_max
+    (50, 0.7, 50, True, 100, (50, 0.76)),  # between the bounds: keep
 ])
-def test_adapt_cap_rule(limit, rate, steps, accepted, expect):
-    cap_max = 8 if limit == 8 else 100
+def test_adapt_cap_rule(limit, rate, steps, accepted, cap_max, expect):
     got = _adapt(limit, rate, steps, accepted, cap_max)
     assert got[0] == expect[0]
     np.testing.assert_allclose(got[1], expect[1], rtol=1e-12)

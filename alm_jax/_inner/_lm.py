@@ -149,6 +149,7 @@ def adapt_cap(cap, steps, accepted, cap_max):
     limit = jnp.where(hit & (rate < _CAP_SHRINK), jnp.maximum(limit // 2, min(_CAP_MIN, cap_max)), limit)
     return limit.astype(jnp.int32), rate
 
+
 def _step_model(params, Z, spec, x, y, Lam, sigma, dp, dz, rollout, second_order=False) -> StepModel:
     """f and ‖∇f‖ at the current point, the model's decrease along d, its slope rᵀJ d, h + J_h d and h (for a
     layer chain the last two are None unless `rollout`)."""

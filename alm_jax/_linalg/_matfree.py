@@ -217,8 +217,9 @@ def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=
     CG stops at relative residual ≈ rtol (the norm-wise test of `pcg`)
     or after `max_steps` products (or `cap`, a traced count, if fewer);
     rtol None takes the forcing term min(forcing_max, √‖∇f‖)
-    (`forcing_term`, from the model-dtype linearisation). `solve_dtype` (None: the model's) is the dtype CG and
-    its products run in; the step is returned in the model's dtype.
+    (`forcing_term`, from the model-dtype linearisation). `solve_dtype`
+    (None: the model's) is the dtype CG and its products run in; the step
+    is returned in the model's dtype.
     `curvature_weight` τ (None: Gauss–Newton) adds τ·C, the stage rows'
     second-order term (`_curvature`, one hidden layer), to the reduced
     system; C may be indefinite, and CG then stops at a direction of
