@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 
 import alm_jax  # noqa: E402
 from alm_jax._baselines import train_adam, train_lbfgs, train_optx_lm  # noqa: E402
+from compare import compare, table  # noqa: E402  (benchmarks/compare.py)
 
 ADAM_GRID = (1e-3, 3e-3, 1e-2)
 
@@ -200,6 +201,9 @@ def main(argv=None, alm_variants=None):
                   f"{steps:.0f}, {first:.2f} s ({tr.max():.2e})")
         plot_curves(per_method, out / f"{name}.png", f"{name}, split 0")
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    rows = compare(results)
+    if rows:
+        print("\nAgainst the best peer (issue 3's targets; benchmarks/compare.py):\n" + table(rows))
     print(f"\n# wrote {out}/results.json and one PNG per data set")
 
 
