@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from uci_suite import plot_curves  # noqa: E402  (sets XLA_FLAGS before jax is imported)
+from compare import standard_error  # noqa: E402
 
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
@@ -104,8 +105,7 @@ def main(argv=None):
     for method, rec in recs.items():
         def ms(key, fmt):
             a = np.asarray(rec[key], float)
-            se = a.std(ddof=1) / np.sqrt(len(a)) if len(a) > 1 else 0.0
-            return f"{a.mean():{fmt}} ± {se:.1e}"
+            return f"{a.mean():{fmt}} ± {standard_error(a):.1e}"
 
         hits = [t for t in rec["t_target"] if t is not None]
         tt = f"{np.median(hits):6.2f}" if len(hits) == len(rec["t_target"]) else f"{len(hits)}/{n_splits} reached"

@@ -44,7 +44,8 @@ def load(sources):
     return merged
 
 
-def _se(a):
+def standard_error(a):
+    """The standard error of the mean of `a` (0 for a single value)."""
     return float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else 0.0
 
 
@@ -68,14 +69,14 @@ def compare(results, peers=PEERS):
             gap = test[arm][:n] - test[best_test][:n]
             rows.append({
                 "dataset": name, "arm": arm, "splits": n, "best_peer": best,
-                "train_mse": float(a.mean()), "train_se": _se(a),
-                "peer_mse": float(train[best][:n].mean()), "peer_se": _se(train[best][:n]),
-                "ratio": float(np.exp(log_ratio.mean())), "ratio_se": float(np.exp(_se(log_ratio))),
+                "train_mse": float(a.mean()), "train_se": standard_error(a),
+                "peer_mse": float(train[best][:n].mean()), "peer_se": standard_error(train[best][:n]),
+                "ratio": float(np.exp(log_ratio.mean())), "ratio_se": float(np.exp(standard_error(log_ratio))),
                 "lower_on": int(np.sum(a < floor)),
                 "train_target": bool(a.mean() <= train[best][:n].mean()),
                 "test_rmse": float(test[arm][:n].mean()), "best_test_peer": best_test,
-                "test_gap": float(gap.mean()), "test_gap_se": _se(gap),
-                "test_target": bool(gap.mean() <= _se(gap)),
+                "test_gap": float(gap.mean()), "test_gap_se": standard_error(gap),
+                "test_target": bool(gap.mean() <= standard_error(gap)),
             })
     return rows
 

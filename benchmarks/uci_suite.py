@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 
 import alm_jax  # noqa: E402
 from alm_jax._baselines import train_adam, train_lbfgs, train_optx_lm  # noqa: E402
-from compare import compare, table  # noqa: E402  (benchmarks/compare.py)
+from compare import compare, standard_error, table  # noqa: E402  (benchmarks/compare.py)
 
 ADAM_GRID = (1e-3, 3e-3, 1e-2)
 
@@ -192,12 +192,11 @@ def main(argv=None, alm_variants=None):
               " | records (ALM: updates) and s to the first, medians (worst split's train MSE)")
         for method, rec in per_method.items():
             tr, te = np.asarray(rec["train_mse"]), np.asarray(rec["test_rmse"])
-            se = lambda a: a.std(ddof=1) / np.sqrt(len(a)) if len(a) > 1 else 0.0
             hits = [t for t in rec["t_target"] if t is not None]
             tt = f"{np.median(hits):6.2f}" if len(hits) == len(rec["t_target"]) else f"{len(hits)}/{len(rec['t_target'])} reached"
             steps = np.median([len(c["time"]) for c in rec["curves"]])
             first = np.median([c["time"][0] if c["time"] else np.nan for c in rec["curves"]])
-            print(f"  {method:14s} {tr.mean():.3e} ± {se(tr):.1e} | {te.mean():.4g} ± {se(te):.2g} | {tt} | "
+            print(f"  {method:14s} {tr.mean():.3e} ± {standard_error(tr):.1e} | {te.mean():.4g} ± {standard_error(te):.2g} | {tt} | "
                   f"{steps:.0f}, {first:.2f} s ({tr.max():.2e})")
         plot_curves(per_method, out / f"{name}.png", f"{name}, split 0")
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))

@@ -281,7 +281,7 @@ def _lm_solver(name, opts: LMOptions, init_damping, max_steps, rescale_damping) 
             _curvature.check_supported(pb.spec)  # at `alm(...).init`, before any step is compiled
             tau = jnp.asarray(opts.second_order, pb.spec.dtype)
         cap = None
-        if opts.adapt_cg_steps and resolve_linear_solver(opts.linear_solver, pb.spec) == "cg":
+        if opts.adapt_cg_steps:  # set only by `cg`, whose linear solver is always CG
             cap = (jnp.asarray(opts.cg_max_steps, jnp.int32), jnp.ones((), pb.spec.dtype))
         return LMState(mu0, jnp.asarray(2, pb.spec.dtype), jnp.max(pb.sigma).astype(pb.spec.dtype), tau, cap)
 
