@@ -118,6 +118,8 @@ def main(argv=None, alm_variants=None):
                     help="ALM's multiplier update (default: the library's, auto: adjoint from two hidden layers)")
     ap.add_argument("--second-order", type=float, default=None,
                     help="the inner cg's second_order weight (default: the library's, 0: Gauss–Newton)")
+    ap.add_argument("--damping-decrease", type=float, default=None,
+                    help="the inner cg's damping_decrease (default: the library's, Nielsen's 1/3)")
     ap.add_argument("--dtype", default="float64", choices=["float32", "float64"],
                     help="the models' and data's dtype (float32: JAX's x64 mode stays off)")
     ap.add_argument("--matmul-precision", default=None,
@@ -139,12 +141,14 @@ def main(argv=None, alm_variants=None):
             "device": str(jax.devices()[0]), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "float": args.dtype,
             "budget_s": budget, "splits": n_splits, "width": args.width, "depth": args.depth, "policy": args.policy,
             "solve_dtype": args.solve_dtype, "matmul_precision": args.matmul_precision, "max_stall": args.max_stall,
-            "multipliers": args.multipliers, "second_order": args.second_order, "model": args.model,
+            "multipliers": args.multipliers, "second_order": args.second_order,
+            "damping_decrease": args.damping_decrease, "model": args.model,
             "alm_variants": {k: repr(v) for k, v in (alm_variants or {}).items()}}
     print(f"# UCI suite: {n_splits} splits, {budget:g} s per method, {args.model} {args.depth}x{args.width} tanh, {args.dtype}, "
           f"XLA_FLAGS={meta['XLA_FLAGS']!r}")
     alm_options = {k: v for k, v in (("policy", args.policy), ("solve_dtype", args.solve_dtype),
-                                     ("multipliers", args.multipliers), ("second_order", args.second_order))
+                                     ("multipliers", args.multipliers), ("second_order", args.second_order),
+                                     ("damping_decrease", args.damping_decrease))
                     if v is not None}
     if args.max_stall is not None:
         alm_options["max_stall"] = None if args.max_stall.lower() == "none" else int(args.max_stall)

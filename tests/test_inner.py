@@ -393,6 +393,9 @@ def test_lm_auto_matches_cholesky_on_small_problem():
         ({"max_stall": 0}, ValueError, "max_stall"),
         ({"max_stall": 2.5}, TypeError, "max_stall"),
         ({"inner": "gn", "armijo": 0.7}, ValueError, "armijo"),
+        ({"inner": "cg", "damping_decrease": 1.0}, ValueError, "damping_decrease"),
+        ({"inner": "lm", "damping_decrease": 0.0}, ValueError, "damping_decrease"),
+        ({"inner": "lm", "damping_decrease": None}, TypeError, "damping_decrease"),
     ],
 )
 def test_bad_inner_options(kwargs, err, match):
@@ -478,3 +481,33 @@ def test_cg_accumulates_a_linear_map_of_its_solution():
     assert 0 < int(steps) < 200
     np.testing.assert_array_equal(x, x_plain)
     np.testing.assert_allclose(tx, t @ x, rtol=0, atol=1e-12 * float(jnp.linalg.norm(t @ x)))
+
+
+@pytest.mark.parametrize("decrease", [1 / 3, 0.5, 0.9])
+@pytest.mark.parametrize("rho", [1.0, 0.75, 0.5])
+def test_damping_decrease_bounds_nielsens_shrink(decrease, rho):
+    # After a successful step μ shrinks by max(c, 1 − (2ρ−1)³): at ρ = 1
+    # by c, at ρ = 3/4 by max(c, 7/8), at ρ = 1/2 not at all.
+    from alm_jax._inner._base import nielsen
+
+    mu, nu = jnp.asarray(1.0), jnp.asarray(8.0)
+    new, new_nu = nielsen(jnp.asarray(True), jnp.asarray(rho), mu, nu, 1e-12, 1e12, decrease)
+    assert float(new) == pytest.approx(max(decrease, 1 - (2 * rho - 1) ** 3), rel=1e-15)
+    assert float(new_nu) == 2.0
+    failed, failed_nu = nielsen(jnp.asarray(False), jnp.asarray(rho), mu, nu, 1e-12, 1e12, decrease)
+    assert (float(failed), float(failed_nu)) == (8.0, 16.0)
+
+
+@pytest.mark.parametrize("name", ["lm", "cg"])
+def test_damping_decrease_reaches_the_lm_iteration(name):
+    # A near-quadratic subproblem (tiny steps from a near-solution) gives
+    # ρ ≈ 1, so μ shrinks by exactly the option's factor.
+    params, _, Z, p = subproblem(depth=1, width=4, n_out=1)
+    shrink = []
+    for c in (1 / 3, 0.6):
+        solver = getattr(inner_lib, name)(damping_decrease=c, init_damping=1e3)
+        r = solver.step(params, Z, solver.init(params, Z, p), p)
+        assert bool(r.accepted)
+        shrink.append(float(r.state.damping) / 1e3)
+    assert shrink[0] == pytest.approx(1 / 3, rel=1e-6)
+    assert shrink[1] == pytest.approx(0.6, rel=1e-6)

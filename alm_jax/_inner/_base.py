@@ -71,8 +71,9 @@ def all_finite(tree):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
 
 
-def nielsen(ok, rho, damping, nu, lo, hi):
-    """Nielsen's update: μ·max(1/3, 1 − (2ρ−1)³), ν ← 2 on success; μ·ν, ν ← 2ν on failure."""
-    shrink = jnp.maximum(1 / 3, 1 - (2 * rho - 1) ** 3)
+def nielsen(ok, rho, damping, nu, lo, hi, decrease=1 / 3):
+    """Nielsen's update: μ·max(c, 1 − (2ρ−1)³), ν ← 2 on success; μ·ν, ν ← 2ν on failure (c = `decrease`, 1/3 in
+    Nielsen's rule)."""
+    shrink = jnp.maximum(decrease, 1 - (2 * rho - 1) ** 3)
     new = jnp.clip(jnp.where(ok, damping * shrink, damping * nu), lo, hi)
     return new, jnp.where(ok, 2 * jnp.ones_like(nu), 2 * nu)

@@ -68,6 +68,7 @@ class LMOptions(NamedTuple):
     backtrack: bool = False
     second_order: float = 0.0  # the curvature term's weight when it is on; 0: Gauss–Newton throughout
     adapt_cg_steps: bool = False  # CG's product limit adapted between iterations (`adapt_cap`)
+    damping_decrease: float = 1 / 3  # the smallest factor μ is multiplied by after a successful step
 
 
 class LMResult(NamedTuple):
@@ -253,7 +254,8 @@ def lm_iteration(params, Z, spec, x, y, Lam, sigma, damping, nu, opts: LMOptions
         # a failure (μ/α instead trained worse, benchmarks/RESULTS.md,
         # Round 11).
         ok_full, rho = judge(f_full, pred)
-    new_damping, new_nu = nielsen(ok_full, rho, damping, nu, opts.damping_min, opts.damping_max)
+    new_damping, new_nu = nielsen(ok_full, rho, damping, nu, opts.damping_min, opts.damping_max,
+                                  opts.damping_decrease)
     new_tau = tau
     if tau is not None:
         # Dennis, Gay & Welsch's choice: the next step uses the model
@@ -302,8 +304,11 @@ def _lm_solver(name, opts: LMOptions, init_damping, max_steps, rescale_damping) 
     return InnerSolver(name, init, restart, step, max_steps)
 
 
-def _check_common(state_damping_ratio, init_damping, chunk_size, max_steps):
+def _check_common(state_damping_ratio, init_damping, chunk_size, max_steps, damping_decrease):
     check_positive("state_damping_ratio", state_damping_ratio, allow_zero=True)
+    check_positive("damping_decrease", damping_decrease)
+    if not damping_decrease < 1:
+        raise ValueError(f"damping_decrease: a factor in (0, 1), got {damping_decrease}.")
     if init_damping is not None:
         check_positive("init_damping", init_damping)
     return check_int("chunk_size", chunk_size, allow_none=True), check_int("max_steps", max_steps)
@@ -311,7 +316,7 @@ def _check_common(state_damping_ratio, init_damping, chunk_size, max_steps):
 
 def lm(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, linear_solver: str = "auto",
        chunk_size: int | None = None, max_steps: int = 3, rescale_damping: bool = False,
-       rollout: bool = True, backtrack: bool = False) -> InnerSolver:
+       rollout: bool = True, backtrack: bool = False, damping_decrease: float = 1 / 3) -> InnerSolver:
     """Levenberg–Marquardt with the exact structured step (the default inner solver).
 
     d = argmin ‖J d + r‖² + μ‖dθ‖² + ratio·μ‖dZ‖², accepted by the gain ratio,
@@ -341,18 +346,27 @@ def lm(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
             otherwise wastes its whole linear solve. It trains lower per
             update where many steps are rejected and higher where few are
             (benchmarks/RESULTS.md, Rounds 11 and 12).
+        damping_decrease: c in Nielsen's μ ← μ·max(c, 1 − (2ρ−1)³) after a
+            successful step, the most μ may shrink by at once; Nielsen's
+            1/3 by default. With 1/3, a step at ρ ≈ 1 was often followed by
+            one at μ/3 with ρ between −8 and −2, and 35–40 % of the steps
+            on UCI power-plant were rejected. At 10 s, c = 0.5 trained 5 %
+            lower on UCI concrete and wine (1×50, 3 splits), within 1 % on
+            kin8nm and power-plant, 25 % higher on energy, and 1.07–1.6×
+            higher on 4×16, 8×8 and 16×8 networks on concrete at 20 s
+            (benchmarks/RESULTS.md, Round 18).
     """
-    chunk_size, max_steps = _check_common(state_damping_ratio, init_damping, chunk_size, max_steps)
+    chunk_size, max_steps = _check_common(state_damping_ratio, init_damping, chunk_size, max_steps, damping_decrease)
     check_choice("linear_solver", linear_solver, LINEAR_SOLVERS)
     opts = LMOptions(state_damping_ratio=state_damping_ratio, chunk_size=chunk_size, linear_solver=linear_solver,
-                     rollout=bool(rollout), backtrack=bool(backtrack))
+                     rollout=bool(rollout), backtrack=bool(backtrack), damping_decrease=float(damping_decrease))
     return _lm_solver("lm", opts, init_damping, max_steps, bool(rescale_damping))
 
 
 def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, rtol: float | None = None,
        forcing_max: float = FORCING_MAX, max_cg_steps: int = 100, precondition: bool | None = None, max_steps: int = 3,
        rescale_damping: bool = False, rollout: bool = True, solve_dtype=None, backtrack: bool = False,
-       second_order: float = 0.0, adapt_cg_steps: bool = True) -> InnerSolver:
+       second_order: float = 0.0, adapt_cg_steps: bool = True, damping_decrease: float = 1 / 3) -> InnerSolver:
     """Truncated Gauss–Newton: LM with CG on the reduced weight system, matrix free.
 
     Memory O(#weights + m·depth·width²): S is never formed. CG stops at
@@ -397,7 +411,7 @@ def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
     (benchmarks/RESULTS.md, Round 14).
     The other options are `lm`'s.
     """
-    _, max_steps = _check_common(state_damping_ratio, init_damping, None, max_steps)
+    _, max_steps = _check_common(state_damping_ratio, init_damping, None, max_steps, damping_decrease)
     solve_dtype = check_solve_dtype(solve_dtype)
     max_cg_steps = check_int("max_cg_steps", max_cg_steps)
     check_positive("second_order", second_order, allow_zero=True)
@@ -410,5 +424,6 @@ def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
                      cg_forcing_max=forcing_max, cg_max_steps=max_cg_steps,
                      precondition=None if precondition is None else bool(precondition),
                      rollout=bool(rollout), solve_dtype=solve_dtype, backtrack=bool(backtrack),
-                     second_order=float(second_order), adapt_cg_steps=bool(adapt_cg_steps))
+                     second_order=float(second_order), adapt_cg_steps=bool(adapt_cg_steps),
+                     damping_decrease=float(damping_decrease))
     return _lm_solver("cg", opts, init_damping, max_steps, bool(rescale_damping))
