@@ -353,8 +353,10 @@ def lm(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
             on UCI power-plant were rejected. At 10 s, c = 0.5 trained 5 %
             lower on UCI concrete and wine (1×50, 3 splits), within 1 % on
             kin8nm and power-plant, 25 % higher on energy, and 1.07–1.6×
-            higher on 4×16, 8×8 and 16×8 networks on concrete at 20 s
-            (benchmarks/RESULTS.md, Round 18).
+            higher on 4×16, 8×8 and 16×8 networks on concrete at 20 s.
+            With float32 CG (20 splits) it trained 0.5 % lower on kin8nm
+            and power-plant, and with `second_order=0.5` as well 4 % higher
+            on wine (benchmarks/RESULTS.md, Round 18).
     """
     chunk_size, max_steps = _check_common(state_damping_ratio, init_damping, chunk_size, max_steps, damping_decrease)
     check_choice("linear_solver", linear_solver, LINEAR_SOLVERS)
