@@ -14,7 +14,7 @@ Results of separate runs on the same splits (peers in one, variants in
 another, or data sets split across cores) are merged by data set.
 
     python benchmarks/compare.py benchmarks/out/r17_full_a benchmarks/out/r17_full_b
-    python benchmarks/compare.py OUT_A OUT_B --arms OUT_F32:alm_f32   # a variant run, renamed
+    python benchmarks/compare.py OUT_A OUT_B OUT_F32:alm_f32   # a variant run, its alm arm renamed
 """
 
 from __future__ import annotations
