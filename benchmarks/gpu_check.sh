@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks a session with a lent device should run first, in one call
-# of under 10 minutes (RESULTS.md, Round 9, lists what is open): the float32
-# accuracy and singular-system tests, float32 kin8nm with ALM's products at
-# "highest" and at JAX's default (one split did not train with "highest"),
-# and the step's scale. From the repository root:
+# of under 10 minutes: the float32 accuracy and singular-system tests, float32
+# kin8nm with ALM's products at "highest" and at JAX's default, and the step's
+# scale. On a cold machine the first split's first update can miss a 10 s
+# budget (RESULTS.md, Round 19: compilation, not arithmetic). From the
+# repository root:
 #
 #     OUT=<folder> bash benchmarks/gpu_check.sh        # QUICK=1: a smoke run on any machine
 #
