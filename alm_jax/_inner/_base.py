@@ -71,7 +71,12 @@ def all_finite(tree):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
 
 
-def nielsen(ok, rho, damping, nu, lo, hi, decrease=1 / 3):
+# Nielsen's (1999) largest shrink of μ after one successful step: the
+# default of `nielsen`, `lm` and `cg`.
+NIELSEN_DECREASE = 1 / 3
+
+
+def nielsen(ok, rho, damping, nu, lo, hi, decrease=NIELSEN_DECREASE):
     """Nielsen's update: μ·max(c, 1 − (2ρ−1)³), ν ← 2 on success; μ·ν, ν ← 2ν on failure (c = `decrease`, 1/3 in
     Nielsen's rule)."""
     shrink = jnp.maximum(decrease, 1 - (2 * rho - 1) ** 3)

@@ -44,7 +44,7 @@ from .._linalg import _curvature, _generic
 from .._linalg._linearise import linearise
 from .._linalg._model import StepModel, step_model
 from .._linalg._matfree import FORCING_MAX
-from ._base import InnerResult, InnerSolver, Problem, nielsen, tree_add, tree_where
+from ._base import NIELSEN_DECREASE, InnerResult, InnerSolver, Problem, nielsen, tree_add, tree_where
 
 LINEAR_SOLVERS = ("auto", "cholesky", "cg")
 # `adapt_cap`: the limit's floor, the average's weight, and the acceptance
@@ -68,7 +68,7 @@ class LMOptions(NamedTuple):
     backtrack: bool = False
     second_order: float = 0.0  # the curvature term's weight when it is on; 0: Gauss–Newton throughout
     adapt_cg_steps: bool = False  # CG's product limit adapted between iterations (`adapt_cap`)
-    damping_decrease: float = 1 / 3  # the smallest factor μ is multiplied by after a successful step
+    damping_decrease: float = NIELSEN_DECREASE  # the smallest factor μ is multiplied by after a successful step
 
 
 class LMResult(NamedTuple):
@@ -316,7 +316,7 @@ def _check_common(state_damping_ratio, init_damping, chunk_size, max_steps, damp
 
 def lm(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, linear_solver: str = "auto",
        chunk_size: int | None = None, max_steps: int = 3, rescale_damping: bool = False,
-       rollout: bool = True, backtrack: bool = False, damping_decrease: float = 1 / 3) -> InnerSolver:
+       rollout: bool = True, backtrack: bool = False, damping_decrease: float = NIELSEN_DECREASE) -> InnerSolver:
     """Levenberg–Marquardt with the exact structured step (the default inner solver).
 
     d = argmin ‖J d + r‖² + μ‖dθ‖² + ratio·μ‖dZ‖², accepted by the gain ratio,
@@ -368,7 +368,8 @@ def lm(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
 def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, rtol: float | None = None,
        forcing_max: float = FORCING_MAX, max_cg_steps: int = 100, precondition: bool | None = None, max_steps: int = 3,
        rescale_damping: bool = False, rollout: bool = True, solve_dtype=None, backtrack: bool = False,
-       second_order: float = 0.0, adapt_cg_steps: bool = True, damping_decrease: float = 1 / 3) -> InnerSolver:
+       second_order: float = 0.0, adapt_cg_steps: bool = True,
+       damping_decrease: float = NIELSEN_DECREASE) -> InnerSolver:
     """Truncated Gauss–Newton: LM with CG on the reduced weight system, matrix free.
 
     Memory O(#weights + m·depth·width²): S is never formed. CG stops at
