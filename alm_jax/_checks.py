@@ -100,8 +100,10 @@ def check_states(name: str, spec, states, m: int):
     return jnp.stack(out)
 
 
-def check_positive(name: str, value, *, allow_zero: bool = False):
-    """A real scalar option that must be > 0 (or >= 0); tracers pass through."""
+def check_positive(name: str, value, *, allow_zero: bool = False, below: float | None = None,
+                   at_most: float | None = None):
+    """A real scalar option that must be > 0 (or >= 0), and < `below` or <= `at_most` if given; tracers pass
+    through."""
     if isinstance(value, jax.core.Tracer):
         return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.ndarray, jax.Array)):
@@ -111,8 +113,12 @@ def check_positive(name: str, value, *, allow_zero: bool = False):
         raise ValueError(f"{name}: expected a scalar, got shape {arr.shape}.")
     v = float(arr)
     ok = (v >= 0 if allow_zero else v > 0) and np.isfinite(v)
+    bound = ">= 0" if allow_zero else "> 0"
+    if below is not None:
+        ok, bound = ok and v < below, f"{bound} and < {below:g}"
+    if at_most is not None:
+        ok, bound = ok and v <= at_most, f"{bound} and <= {at_most:g}"
     if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name}: must be finite and {bound}, got {v}.")
     return value
 

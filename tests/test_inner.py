@@ -393,6 +393,7 @@ def test_lm_auto_matches_cholesky_on_small_problem():
         ({"max_stall": 0}, ValueError, "max_stall"),
         ({"max_stall": 2.5}, TypeError, "max_stall"),
         ({"inner": "gn", "armijo": 0.7}, ValueError, "armijo"),
+        ({"inner": "gn", "armijo": None}, TypeError, "armijo"),
         ({"inner": "cg", "damping_decrease": 1.0}, ValueError, "damping_decrease"),
         ({"inner": "lm", "damping_decrease": 0.0}, ValueError, "damping_decrease"),
         ({"inner": "lm", "damping_decrease": None}, TypeError, "damping_decrease"),

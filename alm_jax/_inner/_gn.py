@@ -43,8 +43,7 @@ def gn(*, state_damping_ratio: float = 1e-6, regularisation: float = 1e-6, armij
     """
     check_positive("state_damping_ratio", state_damping_ratio, allow_zero=True)
     check_positive("regularisation", regularisation)
-    if not 0 < armijo < 0.5:
-        raise ValueError(f"armijo: must be in (0, 0.5), got {armijo}.")
+    check_positive("armijo", armijo, below=0.5)
     max_backtracks = check_int("max_backtracks", max_backtracks)
     chunk_size = check_int("chunk_size", chunk_size, allow_none=True)
     max_steps = check_int("max_steps", max_steps)

@@ -306,9 +306,7 @@ def _lm_solver(name, opts: LMOptions, init_damping, max_steps, rescale_damping) 
 
 def _check_common(state_damping_ratio, init_damping, chunk_size, max_steps, damping_decrease):
     check_positive("state_damping_ratio", state_damping_ratio, allow_zero=True)
-    check_positive("damping_decrease", damping_decrease)
-    if not damping_decrease < 1:
-        raise ValueError(f"damping_decrease: a factor in (0, 1), got {damping_decrease}.")
+    check_positive("damping_decrease", damping_decrease, below=1)
     if init_damping is not None:
         check_positive("init_damping", init_damping)
     return check_int("chunk_size", chunk_size, allow_none=True), check_int("max_steps", max_steps)
@@ -417,9 +415,7 @@ def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
     _, max_steps = _check_common(state_damping_ratio, init_damping, None, max_steps, damping_decrease)
     solve_dtype = check_solve_dtype(solve_dtype)
     max_cg_steps = check_int("max_cg_steps", max_cg_steps)
-    check_positive("second_order", second_order, allow_zero=True)
-    if second_order > 1:
-        raise ValueError(f"second_order: a weight in [0, 1], got {second_order}.")
+    check_positive("second_order", second_order, allow_zero=True, at_most=1)
     if rtol is not None:
         check_positive("rtol", rtol)
     check_positive("forcing_max", forcing_max)
