@@ -216,7 +216,8 @@ def alm(
             against 0.0462 in full precision (one split, 10 s; RESULTS.md,
             Round 19). Float64 and CPU arithmetic are the same either way.
         **inner_options: options of the named inner solver, e.g.
-            `state_damping_ratio`, `init_damping`, `rtol`, `second_order` for "cg" or
+            `state_damping_ratio`, `init_damping`, `rtol`, `second_order`,
+            `curvature_samples` for "cg" or
             `chunk_size`, `linear_solver` for "lm" (see `alm_jax.inner`).
 
     Returns:

@@ -120,6 +120,8 @@ def main(argv=None, alm_variants=None):
                     help="the inner cg's second_order weight (default: the library's, 0: Gauss–Newton)")
     ap.add_argument("--damping-decrease", type=float, default=None,
                     help="the inner cg's damping_decrease (default: the library's, Nielsen's 1/3)")
+    ap.add_argument("--curvature-samples", default=None,
+                    help="the inner cg's curvature_samples: a count, 'auto' or 'none' (default: the library's, auto)")
     ap.add_argument("--dtype", default="float64", choices=["float32", "float64"],
                     help="the models' and data's dtype (float32: JAX's x64 mode stays off)")
     ap.add_argument("--matmul-precision", default=None,
@@ -142,7 +144,8 @@ def main(argv=None, alm_variants=None):
             "budget_s": budget, "splits": n_splits, "width": args.width, "depth": args.depth, "policy": args.policy,
             "solve_dtype": args.solve_dtype, "matmul_precision": args.matmul_precision, "max_stall": args.max_stall,
             "multipliers": args.multipliers, "second_order": args.second_order,
-            "damping_decrease": args.damping_decrease, "model": args.model,
+            "damping_decrease": args.damping_decrease, "curvature_samples": args.curvature_samples,
+            "model": args.model,
             "alm_variants": {k: repr(v) for k, v in (alm_variants or {}).items()}}
     print(f"# UCI suite: {n_splits} splits, {budget:g} s per method, {args.model} {args.depth}x{args.width} tanh, {args.dtype}, "
           f"XLA_FLAGS={meta['XLA_FLAGS']!r}")
@@ -150,6 +153,9 @@ def main(argv=None, alm_variants=None):
                                      ("multipliers", args.multipliers), ("second_order", args.second_order),
                                      ("damping_decrease", args.damping_decrease))
                     if v is not None}
+    if args.curvature_samples is not None:
+        c = args.curvature_samples.lower()
+        alm_options["curvature_samples"] = None if c == "none" else c if c == "auto" else int(c)
     if args.max_stall is not None:
         alm_options["max_stall"] = None if args.max_stall.lower() == "none" else int(args.max_stall)
     if args.matmul_precision is not None:

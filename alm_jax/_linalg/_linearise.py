@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from .._chain import ChainSpec, DenseParams
@@ -42,6 +43,30 @@ class Linearisation(NamedTuple):
     zt_hid: jnp.ndarray  # (N-1, m, kH) z̃_1..z̃_{N-1}
     zt_out: jnp.ndarray  # (m, kO) z̃_N
     loss: jnp.ndarray  # (m,) ℓ(ŷ_j, y_j) at the current outputs
+
+
+# The sample axis of every field; None where the field is shared by all samples.
+SAMPLE_AXES = Linearisation(omega=1, r_h=1, r_o=0, c_h=1, c_o=0, s_hid=1, w_hid=None, c_mat=0, w_out=None,
+                            zt_in=0, zt_hid=1, zt_out=0, loss=0)
+
+
+def every_kth(a, axis, k, offset):
+    """Samples offset, offset + k, … of `a` along `axis` (⌊m/k⌋ of them; `offset` < k may be traced).
+
+    A reshape and one dynamic index rather than a gather: the samples
+    need not be in random order, and nothing is copied element by element.
+    """
+    if axis is None or k == 1:
+        return a
+    b = a.shape[axis] // k
+    a = jax.lax.slice_in_dim(a, 0, b * k, axis=axis)
+    a = a.reshape(a.shape[:axis] + (b, k) + a.shape[axis + 1:])
+    return jax.lax.dynamic_index_in_dim(a, offset, axis=axis + 1, keepdims=False)
+
+
+def subsample(lin: Linearisation, k: int, offset) -> Linearisation:
+    """The linearisation of every k-th sample from `offset` (`every_kth`)."""
+    return Linearisation(*(every_kth(a, ax, k, offset) for a, ax in zip(lin, SAMPLE_AXES)))
 
 
 def _augment(z, use_bias):

@@ -32,7 +32,7 @@ import optax
 
 from .._chain import ChainSpec
 from . import _blocktri, _curvature, _onelayer
-from ._linearise import Linearisation, linearise
+from ._linearise import Linearisation, every_kth, linearise, subsample
 from ._schur import elimination, layer_blocks, num_weights, unflatten_weights, weight_jvp, weight_vjp
 
 # Bytes the explicit reduced system may take before `auto` goes matrix-free.
@@ -209,9 +209,10 @@ def _preconditioner(spec, factors, m, mu):
     return apply
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "max_steps", "precondition", "solve_dtype"))
+@functools.partial(jax.jit, static_argnames=("spec", "max_steps", "precondition", "solve_dtype", "stride"))
 def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=None, max_steps=100,
-                 precondition=False, forcing_max=FORCING_MAX, solve_dtype=None, curvature_weight=None, cap=None):
+                 precondition=False, forcing_max=FORCING_MAX, solve_dtype=None, curvature_weight=None, cap=None,
+                 stride=1, offset=0):
     """Inexact minimiser of ‖J d + r‖² + μ_w‖dθ‖² + μ_z‖dZ‖² by CG on the reduced system.
 
     CG stops at relative residual ≈ rtol (the norm-wise test of `pcg`)
@@ -224,6 +225,11 @@ def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=
     second-order term (`_curvature`, one hidden layer), to the reduced
     system; C may be indefinite, and CG then stops at a direction of
     nonpositive curvature.
+    `stride` k > 1 (static) builds CG's products, and its preconditioner,
+    from every k-th sample from `offset` (traced, < k), scaled by m/⌊m/k⌋:
+    S_B = (m/b) Σ_{j∈B} J_θ,jᵀ P_j J_θ,j + μ_θ I. The right-hand side, the
+    forcing term and the states' back-substitution use every sample, so
+    the step is dθ = −S_B⁻¹ g for the whole problem's reduced gradient g.
 
     Returns:
         (dparams, dZ, cg_steps).
@@ -242,21 +248,36 @@ def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=
     elim = elimination(spec)
     fac = elim.factor(lin, mu_z)
     m = x.shape[0]
+    stride = min(stride, m)
+    lin_s, curv_s, fac_s, scale = lin, curv, fac, None
+    if stride > 1:
+        lin_s = subsample(lin, stride, offset)
+        curv_s = None if curv is None else every_kth(curv, 0, stride, offset)
+        fac_s = elim.factor(lin_s, mu_z)
+        scale = jnp.asarray(m / (m // stride), lin.r_o.dtype)
 
     def s_apply(v):
         dtheta = unflatten_weights(v, spec)
-        e_h, e_o = weight_jvp(lin, dtheta, spec)
-        (p_h, p_o), t = _project(lin, fac, elim, e_h, e_o)
-        out = weight_vjp(lin, p_h, p_o) + mu_w * v
-        return (out if curv is None else out + _curvature.apply(curv, lin, dtheta)), t
+        e_h, e_o = weight_jvp(lin_s, dtheta, spec)
+        (p_h, p_o), t = _project(lin_s, fac_s, elim, e_h, e_o)
+        out = weight_vjp(lin_s, p_h, p_o)
+        if curv_s is not None:
+            out = out + _curvature.apply(curv_s, lin_s, dtheta)
+        return (out if scale is None else scale * out) + mu_w * v, t
 
     (pr_h, pr_o), t_r = _project(lin, fac, elim, lin.r_h, lin.r_o)
     g = weight_vjp(lin, pr_h, pr_o)
     pre = None
     if precondition:
-        pre = _preconditioner(spec, _layer_factors(spec, lin, fac), m, mu_w)
+        pre = _preconditioner(spec, _layer_factors(spec, lin_s, fac_s), m, mu_w)
     # The states' back-substitution dZ = −H⁻¹J_uᵀ(r + J_θ dθ) = −(t_r + T dθ)
     # with T = H⁻¹J_uᵀJ_θ, which every product S p already applies: CG
     # accumulates T dθ, and no further state solve is compiled or run.
-    value, steps, t_d = pcg(s_apply, -g, rtol, step_limit(max_steps, cap), pre, has_aux=True)
+    # A subsample's products have T dθ for its own samples only: one more
+    # pass over all of them then gives it.
+    if stride == 1:
+        value, steps, t_d = pcg(s_apply, -g, rtol, step_limit(max_steps, cap), pre, has_aux=True)
+    else:
+        value, steps = pcg(lambda v: s_apply(v)[0], -g, rtol, step_limit(max_steps, cap), pre)
+        _, t_d = _project(lin, fac, elim, *weight_jvp(lin, unflatten_weights(value, spec), spec))
     return unflatten_weights(value.astype(spec.dtype), spec), (-(t_r + t_d)).astype(spec.dtype), steps

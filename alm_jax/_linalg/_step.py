@@ -18,7 +18,7 @@ def structured_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, chunk=None):
 
 
 def matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=None, max_steps=100, precondition=False,
-                 forcing_max=_matfree.FORCING_MAX, solve_dtype=None, curvature_weight=None, cap=None):
+                 forcing_max=_matfree.FORCING_MAX, solve_dtype=None, curvature_weight=None, cap=None, stride=1, offset=0):
     """CG on the reduced weight system: `(dparams, dZ, cg_steps)`.
 
     CG's tolerance is `rtol`, or if None the forcing term min(forcing_max, √‖∇f‖)
@@ -29,7 +29,8 @@ def matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=None, max_s
     `solve_dtype` runs CG in another dtype than the model's (an MLP's dense
     chain only; None: the model's). `curvature_weight` τ (None: Gauss–Newton)
     adds τ times the stage rows' second-order term (`_curvature`; an MLP
-    with one hidden layer).
+    with one hidden layer). `stride` k > 1 builds CG's products from every
+    k-th sample from `offset` (an MLP's dense chain; `_matfree.matfree_step`).
     """
     if precondition is None:
         precondition = not isinstance(spec, LayerSpec)
@@ -41,6 +42,8 @@ def matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=None, max_s
     if isinstance(spec, LayerSpec):
         if precondition:
             raise ValueError("precondition: the Kronecker preconditioner needs an eqx.nn.MLP model.")
+        if stride > 1:
+            raise ValueError("curvature_samples: a subsample for CG's products needs an eqx.nn.MLP model.")
         if solve_dtype is not None:
             raise ValueError(f"solve_dtype={solve_dtype}: a general layer chain's CG runs in the model's dtype "
                              f"({jnp.dtype(spec.dtype).name}); mixed precision needs an eqx.nn.MLP model.")
@@ -48,4 +51,4 @@ def matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=None, max_s
                                      forcing_max=forcing_max, cap=cap)
     return _matfree.matfree_step(params, spec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol, max_steps=max_steps,
                                  precondition=precondition, forcing_max=forcing_max, solve_dtype=solve_dtype,
-                                 curvature_weight=curvature_weight, cap=cap)
+                                 curvature_weight=curvature_weight, cap=cap, stride=stride, offset=offset)
