@@ -165,6 +165,15 @@ def test_layer_chain_solves_in_the_model_dtype():
         solver.update(solver.init(chain, x, y), x, y)
 
 
+def test_layer_chain_uses_every_sample():
+    """A layer chain has no subsampled products: "auto" keeps every sample,
+    and a count that would subsample is refused at `init`."""
+    chain, states, lams, x, y = make_problem(CHAINS["mixed"], 3, 2, 9, seed=1)
+    assert alm_jax.alm(curvature_samples="auto").init(chain, x, y).inner.sample_offset is None
+    with pytest.raises(ValueError, match="curvature_samples"):
+        alm_jax.alm(curvature_samples=2).init(chain, x, y)
+
+
 def test_forcing_gradient_of_a_layer_chain():
     """The forcing term's ∇f = Jᵀρ from the layer chain's linearisation equals
     jax.grad of ½‖lifted residual‖² (float64: 1e-12 of the largest entry)."""

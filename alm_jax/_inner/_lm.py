@@ -100,7 +100,7 @@ def curvature_stride(samples, spec, m: int) -> int:
     """k of CG's subsample, every k-th sample: ⌊m/b⌋ for b = `samples` (4 per weight for "auto"), at least 1.
 
     "auto" leaves a general layer chain alone (it has no subsampled
-    products); an explicit count for one is refused by `matfree_step`.
+    products); an explicit count that subsamples one is refused at `init`.
     """
     if samples is None or (samples == "auto" and isinstance(spec, LayerSpec)):
         return 1
