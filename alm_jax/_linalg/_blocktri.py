@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
-from ._linearise import Linearisation
+from ._linearise import Linearisation, every_kth
 
 
 # Deepest chain whose sweeps are unrolled over layers (module docstring).
@@ -99,6 +99,12 @@ def factor(lin: Linearisation, mu_z) -> BlockTriFactor:
     corr, (linv, kt) = jax.lax.scan(step, corr, (diag, lin.w_hid, s_omega))
     linv_last = _tri_inv(jnp.linalg.cholesky(last - corr))
     return BlockTriFactor(jnp.concatenate([linv, linv_last[None]], 0), kt)
+
+
+def subsample(fac: BlockTriFactor, k: int, offset) -> BlockTriFactor:
+    """The factor of every k-th sample from `offset`: each sample's blocks are its own, so a slice, not a refactoring."""
+    axis = 0 if isinstance(fac.linv, tuple) else 1  # (m, n, n) per layer, or stacked (N, m, n, n)
+    return jax.tree_util.tree_map(lambda a: every_kth(a, axis, k, offset), fac)
 
 
 def solve(fac: BlockTriFactor, rhs):

@@ -253,7 +253,7 @@ def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=
     if stride > 1:
         lin_s = subsample(lin, stride, offset)
         curv_s = None if curv is None else every_kth(curv, 0, stride, offset)
-        fac_s = elim.factor(lin_s, mu_z)
+        fac_s = elim.subsample(fac, stride, offset)
         scale = jnp.asarray(m / (m // stride), lin.r_o.dtype)
 
     def s_apply(v):

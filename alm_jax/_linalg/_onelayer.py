@@ -28,7 +28,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 
 from ._blocktri import Projector
-from ._linearise import Linearisation
+from ._linearise import Linearisation, every_kth
 
 
 class WoodburyFactor(NamedTuple):
@@ -49,6 +49,11 @@ def factor(lin: Linearisation, mu_z) -> WoodburyFactor:
     # A batched LU for 1 × 1 matrices cost 18 kernels of compilation.
     k_inv = 1 / k if k.shape[-1] == 1 else jnp.linalg.inv(k)
     return WoodburyFactor(d_inv, u[None], k_inv[None], lin.c_o, lin.w_out)
+
+
+def subsample(fac: WoodburyFactor, k: int, offset) -> WoodburyFactor:
+    """The factor of every k-th sample from `offset`: each sample's block is its own, so a slice, not a refactoring."""
+    return WoodburyFactor(*(every_kth(a, ax, k, offset) for a, ax in zip(fac, (1, 1, 1, 0, None))))
 
 
 def projector(lin: Linearisation, fac: WoodburyFactor) -> Projector:
