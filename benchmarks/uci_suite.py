@@ -110,14 +110,16 @@ def main(argv=None, alm_variants=None):
     ap.add_argument("--budget", type=float, default=None, help="seconds per method and split")
     ap.add_argument("--methods", nargs="*", default=["alm", "optx_lm", "lbfgs", "adam"])
     ap.add_argument("--policy", default=None, help="ALM policy (default: the library's)")
-    ap.add_argument("--solve-dtype", default=None, choices=["float32", "float64"],
-                    help="the inner cg's CG dtype (default: the library's, the model's dtype)")
+    ap.add_argument("--solve-dtype", default=None, choices=["auto", "float32", "float64"],
+                    help="the inner cg's CG dtype (default: the library's, auto: float32 for one hidden layer "
+                         "whose CG products use every sample)")
     ap.add_argument("--max-stall", default=None,
                     help="ALM's max_stall (default: the library's); 'none' turns the stall safeguard off")
     ap.add_argument("--multipliers", default=None, choices=["auto", "first_order", "adjoint"],
                     help="ALM's multiplier update (default: the library's, auto: adjoint from two hidden layers)")
-    ap.add_argument("--second-order", type=float, default=None,
-                    help="the inner cg's second_order weight (default: the library's, 0: Gauss–Newton)")
+    ap.add_argument("--second-order", default=None,
+                    help="the inner cg's second_order weight, or 'auto' (default: the library's, auto: 0.5 for one "
+                         "hidden layer whose CG products use every sample; 0: Gauss–Newton)")
     ap.add_argument("--damping-decrease", type=float, default=None,
                     help="the inner cg's damping_decrease (default: the library's, Nielsen's 1/3)")
     ap.add_argument("--curvature-samples", default=None,
@@ -153,6 +155,8 @@ def main(argv=None, alm_variants=None):
                                      ("multipliers", args.multipliers), ("second_order", args.second_order),
                                      ("damping_decrease", args.damping_decrease))
                     if v is not None}
+    if args.second_order is not None and args.second_order.lower() != "auto":
+        alm_options["second_order"] = float(args.second_order)
     if args.curvature_samples is not None:
         c = args.curvature_samples.lower()
         alm_options["curvature_samples"] = None if c == "none" else c if c == "auto" else int(c)

@@ -136,15 +136,44 @@ def test_curvature_weight_follows_the_better_model():
     assert outcomes == {0.0, weight}
 
 
-def test_second_order_is_off_by_default_and_leaves_gauss_newton_alone(yacht):
-    """second_order=0 carries no curvature weight and gives the default
-    solver's iterates bit for bit."""
+def test_second_order_zero_leaves_gauss_newton_alone(yacht):
+    """second_order=0 carries no curvature weight and gives the iterates of
+    the Gauss–Newton program bit for bit (the same CG dtype, float64)."""
     model = eqx.nn.MLP(6, 1, 10, 1, activation=jnp.tanh, key=jax.random.key(0))
     x, y = jnp.asarray(yacht.x_train), jnp.asarray(yacht.y_train)
-    a = alm_jax.fit(model, x, y, max_steps=8, progress=False)
-    b = alm_jax.fit(model, x, y, max_steps=8, progress=False, second_order=0.0)
+    a = alm_jax.fit(model, x, y, max_steps=8, progress=False, second_order=0.0, solve_dtype=None)
+    b = alm_jax.fit(model, x, y, max_steps=8, progress=False, second_order=0, solve_dtype="float64")
     assert a.state.inner.curvature_weight is None
     np.testing.assert_array_equal(a.history.mse, b.history.mse)
+
+
+def _auto_cases():
+    """(model, m, on): one hidden layer with every sample in CG (on), one
+    hidden layer with m ≥ 8P (subsampled, off), two hidden layers (off)."""
+    one = eqx.nn.MLP(3, 1, 4, 1, activation=jnp.tanh, key=jax.random.key(0))  # P = 21
+    two = eqx.nn.MLP(3, 1, 4, 2, activation=jnp.tanh, key=jax.random.key(0))
+    return [(one, 8 * 21 - 1, True), (one, 8 * 21, False), (two, 40, False)]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_auto_second_order_and_solve_dtype(case):
+    """The default ("auto") is τ = 0.5 with float32 CG where it is on and
+    Gauss–Newton in the model's dtype where it is off: its iterates equal
+    the explicit options' bit for bit (deterministic programs) and differ
+    from those with the other CG dtype, and the curvature weight is
+    carried exactly where τ > 0."""
+    model, m, on = _auto_cases()[case]
+    x = jax.random.normal(jax.random.key(1), (m, 3), jnp.float64)
+    y = jnp.sin(x[:, :1] - x[:, 1:2] * x[:, 2:])
+    tau = 0.5 if on else 0.0
+    auto = alm_jax.fit(model, x, y, max_steps=6, progress=False)
+    ref = alm_jax.fit(model, x, y, max_steps=6, progress=False, second_order=tau,
+                      solve_dtype="float32" if on else None)
+    other = alm_jax.fit(model, x, y, max_steps=6, progress=False, second_order=tau,
+                        solve_dtype=None if on else "float32")
+    assert (auto.state.inner.curvature_weight is not None) == on
+    np.testing.assert_array_equal(auto.history.mse, ref.history.mse)
+    assert not np.array_equal(auto.history.mse, other.history.mse)
 
 
 def test_second_order_trains_wine(wine):
@@ -154,8 +183,8 @@ def test_second_order_trains_wine(wine):
     so ≤ 0.85× is asserted."""
     model = eqx.nn.MLP(11, 1, 50, 1, activation=jnp.tanh, key=jax.random.key(0))
     x, y = jnp.asarray(wine.x_train), jnp.asarray(wine.y_train)
-    gn = alm_jax.fit(model, x, y, max_steps=300, progress=False)
-    so = alm_jax.fit(model, x, y, max_steps=300, progress=False, second_order=0.5)
+    gn = alm_jax.fit(model, x, y, max_steps=300, progress=False, second_order=0.0, solve_dtype=None)
+    so = alm_jax.fit(model, x, y, max_steps=300, progress=False, second_order=0.5, solve_dtype=None)
     assert np.all(np.isfinite(so.history.mse))
     assert so.history.mse[-1] < 0.85 * gn.history.mse[-1]
 
@@ -163,7 +192,10 @@ def test_second_order_trains_wine(wine):
 @pytest.mark.parametrize("kwargs, exc, match", [
     ({"second_order": -0.5}, ValueError, "second_order"),
     ({"second_order": 1.5}, ValueError, "second_order"),
-    ({"second_order": "yes"}, TypeError, "second_order"),
+    ({"second_order": "yes"}, ValueError, "second_order"),
+    ({"second_order": [0.5]}, TypeError, "second_order"),
+    ({"solve_dtype": "bfloat16"}, ValueError, "solve_dtype"),
+    ({"solve_dtype": "Auto"}, ValueError, "solve_dtype"),
 ])
 def test_bad_second_order_raises(kwargs, exc, match):
     with pytest.raises(exc, match=match):

@@ -53,6 +53,10 @@ LINEAR_SOLVERS = ("auto", "cholesky", "cg")
 _CAP_MIN, _CAP_WEIGHT, _CAP_SHRINK, _CAP_GROW = 10, 0.2, 0.5, 0.8
 # `curvature_samples="auto"`: samples per weight in CG's subsample.
 AUTO_SAMPLES_PER_WEIGHT = 4
+# `second_order="auto"`, `solve_dtype="auto"`: what a one-hidden-layer MLP
+# gets when CG's products run over every sample (`auto_one_layer`).
+AUTO_SECOND_ORDER = 0.5
+AUTO_SOLVE_DTYPE = "float32"
 
 
 class LMOptions(NamedTuple):
@@ -66,10 +70,10 @@ class LMOptions(NamedTuple):
     cg_forcing_max: float = FORCING_MAX
     cg_max_steps: int = 100
     precondition: bool | None = None  # None: the Kronecker preconditioner where the model allows it
-    solve_dtype: str | None = None  # CG's dtype; None: the model's
+    solve_dtype: str | None = None  # CG's dtype; None: the model's; "auto": `resolve_auto`
     rollout: bool = True
     backtrack: bool = False
-    second_order: float = 0.0  # the curvature term's weight when it is on; 0: Gauss–Newton throughout
+    second_order: float | str = 0.0  # the curvature term's weight when it is on; 0: Gauss–Newton throughout
     adapt_cg_steps: bool = False  # CG's product limit adapted between iterations (`adapt_cap`)
     damping_decrease: float = NIELSEN_DECREASE  # the smallest factor μ is multiplied by after a successful step
     curvature_samples: int | str | None = None  # CG's subsample (`curvature_stride`); None: every sample
@@ -106,6 +110,31 @@ def curvature_stride(samples, spec, m: int) -> int:
         return 1
     b = AUTO_SAMPLES_PER_WEIGHT * num_weights(spec) if samples == "auto" else samples
     return max(1, m // b)
+
+
+def auto_one_layer(opts: LMOptions, spec, m: int) -> bool:
+    """Whether "auto" turns on the curvature term and float32 CG: an MLP with one hidden layer, every sample in CG.
+
+    Both paid on the 1×50 UCI sets whose products use every sample and
+    cost most of an update (m < 8P); where they are subsampled the
+    products are cheap and the pair cost 1.5–2 % (benchmarks/RESULTS.md,
+    Round 22). Deeper networks have no curvature term, and float32 CG
+    trained higher on them (Rounds 8 and 19).
+    """
+    return (not isinstance(spec, LayerSpec) and spec.depth == 1
+            and curvature_stride(opts.curvature_samples, spec, m) == 1)
+
+
+def resolve_auto(opts: LMOptions, spec, m: int) -> LMOptions:
+    """`opts` with "auto" in `second_order` and `solve_dtype` replaced by the values for this model and data."""
+    if opts.second_order != "auto" and opts.solve_dtype != "auto":
+        return opts
+    on = auto_one_layer(opts, spec, m)
+    if opts.second_order == "auto":
+        opts = opts._replace(second_order=AUTO_SECOND_ORDER if on else 0.0)
+    if opts.solve_dtype == "auto":
+        opts = opts._replace(solve_dtype=AUTO_SOLVE_DTYPE if on else None)
+    return opts
 
 
 def initial_damping(params, spec, x, y, Z, Lam, sigma, tau=1e-3):
@@ -291,8 +320,9 @@ def lm_iteration(params, Z, spec, x, y, Lam, sigma, damping, nu, opts: LMOptions
     return LMResult(params, Z, new_damping, new_nu, ok, jnp.where(ok, f1, f0), grad_norm, new_tau, new_cap)
 
 
-def _lm_solver(name, opts: LMOptions, init_damping, max_steps, rescale_damping) -> InnerSolver:
+def _lm_solver(name, auto_opts: LMOptions, init_damping, max_steps, rescale_damping) -> InnerSolver:
     def init(params, Z, pb: Problem):
+        opts = resolve_auto(auto_opts, pb.spec, pb.x.shape[0])
         if init_damping is None:
             mu0 = initial_damping(params, pb.spec, pb.x, pb.y, Z, pb.multipliers, pb.sigma)
         else:
@@ -317,10 +347,11 @@ def _lm_solver(name, opts: LMOptions, init_damping, max_steps, rescale_damping) 
         # rows at scale 1/β; keep μ_θ at the same scale relative to them.
         beta = jnp.max(pb.sigma).astype(s.beta.dtype)
         damping = s.damping * s.beta / beta if rescale_damping else s.damping
-        damping = jnp.clip(damping, opts.damping_min, opts.damping_max)
+        damping = jnp.clip(damping, auto_opts.damping_min, auto_opts.damping_max)
         return LMState(damping, s.nu, beta, s.curvature_weight, s.cg_cap, s.sample_offset)
 
     def step(params, Z, s: LMState, pb: Problem):
+        opts = resolve_auto(auto_opts, pb.spec, pb.x.shape[0])
         r = lm_iteration(params, Z, pb.spec, pb.x, pb.y, pb.multipliers, pb.sigma, s.damping, s.nu, opts,
                          s.curvature_weight, s.cg_cap, 0 if s.sample_offset is None else s.sample_offset)
         offset = s.sample_offset
@@ -393,8 +424,8 @@ def lm(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
 
 def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, rtol: float | None = None,
        forcing_max: float = FORCING_MAX, max_cg_steps: int = 100, precondition: bool | None = None, max_steps: int = 3,
-       rescale_damping: bool = False, rollout: bool = True, solve_dtype=None, backtrack: bool = False,
-       second_order: float = 0.0, adapt_cg_steps: bool = True,
+       rescale_damping: bool = False, rollout: bool = True, solve_dtype="auto", backtrack: bool = False,
+       second_order: float | str = "auto", adapt_cg_steps: bool = True,
        damping_decrease: float = NIELSEN_DECREASE, curvature_samples: int | str | None = "auto") -> InnerSolver:
     """Truncated Gauss–Newton: LM with CG on the reduced weight system, matrix free.
 
@@ -419,14 +450,16 @@ def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
     six UCI sets at 10 s (yacht 0.06×) and 0.26× on 4×16 networks
     (benchmarks/RESULTS.md). `solve_dtype` (None: the model's dtype) runs
     CG in another dtype; the forcing term, the gain ratio and the states
-    stay in the model's. With a float64 MLP, "float32" made CG products
+    stay in the model's. "auto" (the default) is float32 for an MLP with
+    one hidden layer whose products use every sample (see `second_order`)
+    and the model's dtype otherwise. With a float64 MLP, "float32" made CG products
     2.3–2.4× faster on XLA:CPU and trained 2–4 % lower at equal time on UCI
     kin8nm, power-plant, concrete and wine, but its step has a floor of
     ≈ κ(S)·ε₃₂, and where the training error falls to 1e-7 (UCI yacht,
     4×16 teacher–student) it trained 3–8× higher (benchmarks/RESULTS.md,
     Round 8). A general layer chain's CG runs in the model's dtype only.
-    `second_order` τ ∈ [0, 1] (an `eqx.nn.MLP` with one hidden layer; 0,
-    the default, is Gauss–Newton) adds τ times the stage rows' part of the
+    `second_order` τ ∈ [0, 1] (an `eqx.nn.MLP` with one hidden layer; 0
+    is Gauss–Newton) adds τ times the stage rows' part of the
     Hessian term Gauss–Newton leaves out, C = Σ r_i ∇²r_i (the multipliers'
     estimate times the constraints' curvature, `_linalg/_curvature.py`):
     the step minimises ½dᵀ(JᵀJ + τC + diag(μ))d + ∇fᵀd, the gain ratio
@@ -437,7 +470,13 @@ def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
     at 10 s, τ = 0.5 trained 0.73× as low on UCI wine (5/5 splits) and
     0.95× on energy, 1.01–1.04× higher on concrete, power-plant and kin8nm
     and 1.24× on yacht; τ = 1 did less well on wine per update
-    (benchmarks/RESULTS.md, Round 14).
+    (benchmarks/RESULTS.md, Round 14). "auto" (the default) takes τ = 0.5
+    with float32 CG (`solve_dtype="auto"`) for an MLP with one hidden
+    layer whose CG products use every sample, and 0 otherwise: on the
+    1×50 UCI sets with m < 8P the pair trained 0.74× as low on wine, 0.92×
+    on energy and 0.94× on concrete, and 3.7× higher on yacht (still 23×
+    below L-BFGS); on kin8nm and power-plant, whose products are
+    subsampled, it cost 1.5–2 % (20 splits, 10 s, Round 22).
     `curvature_samples` b (an `eqx.nn.MLP`) builds CG's products S v, and
     the preconditioner, from every k-th sample, k = ⌊m/b⌋, from an offset
     that moves by one per step, so that k steps see every sample; the
@@ -453,9 +492,13 @@ def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
     The other options are `lm`'s.
     """
     _, max_steps = _check_common(state_damping_ratio, init_damping, None, max_steps, damping_decrease)
-    solve_dtype = check_solve_dtype(solve_dtype)
+    solve_dtype = "auto" if isinstance(solve_dtype, str) and solve_dtype == "auto" else check_solve_dtype(solve_dtype)
     max_cg_steps = check_int("max_cg_steps", max_cg_steps)
-    check_positive("second_order", second_order, allow_zero=True, at_most=1)
+    if isinstance(second_order, str):
+        check_choice("second_order", second_order, ("auto",))
+    else:
+        check_positive("second_order", second_order, allow_zero=True, at_most=1)
+        second_order = float(second_order)
     if rtol is not None:
         check_positive("rtol", rtol)
     check_positive("forcing_max", forcing_max)
@@ -467,6 +510,6 @@ def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
                      cg_forcing_max=forcing_max, cg_max_steps=max_cg_steps,
                      precondition=None if precondition is None else bool(precondition),
                      rollout=bool(rollout), solve_dtype=solve_dtype, backtrack=bool(backtrack),
-                     second_order=float(second_order), adapt_cg_steps=bool(adapt_cg_steps),
+                     second_order=second_order, adapt_cg_steps=bool(adapt_cg_steps),
                      damping_decrease=float(damping_decrease), curvature_samples=curvature_samples)
     return _lm_solver("cg", opts, init_damping, max_steps, bool(rescale_damping))
