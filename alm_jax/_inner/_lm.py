@@ -113,15 +113,18 @@ def curvature_stride(samples, spec, m: int) -> int:
 
 
 def auto_one_layer(opts: LMOptions, spec, m: int) -> bool:
-    """Whether "auto" turns on the curvature term and float32 CG: an MLP with one hidden layer, every sample in CG.
+    """Whether "auto" turns on the curvature term and float32 CG: one hidden layer, P ≤ m·n_out, every sample in CG.
 
     Both paid on the 1×50 UCI sets whose products use every sample and
-    cost most of an update (m < 8P); where they are subsampled the
-    products are cheap and the pair cost 1.5–2 % (benchmarks/RESULTS.md,
-    Round 22). Deeper networks have no curvature term, and float32 CG
-    trained higher on them (Rounds 8 and 19).
+    cost most of an update (m < 8P) and whose residuals stay large; where
+    the products are subsampled they are cheap and the pair cost 1.5–2 %.
+    With fewer residuals than weights the network can interpolate, the
+    residuals fall towards zero, the curvature term with them, and float32
+    CG's floor κ(S)·ε₃₂ binds: UCI yacht (m = 277, P = 401) trained 3.7×
+    higher (benchmarks/RESULTS.md, Round 22). Deeper networks have no
+    curvature term, and float32 CG trained higher on them (Rounds 8, 19).
     """
-    return (not isinstance(spec, LayerSpec) and spec.depth == 1
+    return (not isinstance(spec, LayerSpec) and spec.depth == 1 and num_weights(spec) <= m * spec.n_out
             and curvature_stride(opts.curvature_samples, spec, m) == 1)
 
 
@@ -450,9 +453,9 @@ def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
     six UCI sets at 10 s (yacht 0.06×) and 0.26× on 4×16 networks
     (benchmarks/RESULTS.md). `solve_dtype` (None: the model's dtype) runs
     CG in another dtype; the forcing term, the gain ratio and the states
-    stay in the model's. "auto" (the default) is float32 for an MLP with
-    one hidden layer whose products use every sample (see `second_order`)
-    and the model's dtype otherwise. With a float64 MLP, "float32" made CG products
+    stay in the model's. "auto" (the default) is float32 where
+    `second_order="auto"` turns the curvature term on, and the model's
+    dtype otherwise. With a float64 MLP, "float32" made CG products
     2.3–2.4× faster on XLA:CPU and trained 2–4 % lower at equal time on UCI
     kin8nm, power-plant, concrete and wine, but its step has a floor of
     ≈ κ(S)·ε₃₂, and where the training error falls to 1e-7 (UCI yacht,
@@ -472,11 +475,12 @@ def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
     and 1.24× on yacht; τ = 1 did less well on wine per update
     (benchmarks/RESULTS.md, Round 14). "auto" (the default) takes τ = 0.5
     with float32 CG (`solve_dtype="auto"`) for an MLP with one hidden
-    layer whose CG products use every sample, and 0 otherwise: on the
-    1×50 UCI sets with m < 8P the pair trained 0.74× as low on wine, 0.92×
-    on energy and 0.94× on concrete, and 3.7× higher on yacht (still 23×
-    below L-BFGS); on kin8nm and power-plant, whose products are
-    subsampled, it cost 1.5–2 % (20 splits, 10 s, Round 22).
+    layer that has at least as many residuals as weights (P ≤ m·n_out)
+    and whose CG products use every sample (m < 8P), and 0 otherwise: on
+    the 1×50 UCI sets the pair trained 0.74× as low on wine, 0.92× on
+    energy and 0.94× on concrete, but 3.7× higher on yacht (m < P) and
+    1.5–2 % higher on kin8nm and power-plant, whose products are
+    subsampled (20 splits, 10 s, Round 22); `auto_one_layer`.
     `curvature_samples` b (an `eqx.nn.MLP`) builds CG's products S v, and
     the preconditioner, from every k-th sample, k = ⌊m/b⌋, from an offset
     that moves by one per step, so that k steps see every sample; the
