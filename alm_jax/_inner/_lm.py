@@ -53,8 +53,8 @@ LINEAR_SOLVERS = ("auto", "cholesky", "cg")
 _CAP_MIN, _CAP_WEIGHT, _CAP_SHRINK, _CAP_GROW = 10, 0.2, 0.5, 0.8
 # `curvature_samples="auto"`: samples per weight in CG's subsample.
 AUTO_SAMPLES_PER_WEIGHT = 4
-# `second_order="auto"`, `solve_dtype="auto"`: what a one-hidden-layer MLP
-# gets when CG's products run over every sample (`auto_one_layer`).
+# `second_order="auto"`, `solve_dtype="auto"`: what a one-hidden-layer MLP with
+# P ≤ m·n_out gets when CG's products run over every sample (`auto_one_layer`).
 AUTO_SECOND_ORDER = 0.5
 AUTO_SOLVE_DTYPE = "float32"
 
