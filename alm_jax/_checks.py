@@ -139,14 +139,15 @@ def check_choice(name: str, value, choices):
     return value
 
 
-def check_solve_dtype(value):
-    """None, or float32/float64 given as a dtype or its name; returned as the name."""
-    if value is None:
-        return None
+def check_solve_dtype(value, allow_auto: bool = False):
+    """None, or float32/float64 given as a dtype or its name (or "auto" if allowed); returned as the name."""
+    if value is None or (allow_auto and isinstance(value, str) and value == "auto"):
+        return value
     try:
         name = np.dtype(value).name
     except TypeError:
         name = None
     if name not in ("float32", "float64"):
-        raise ValueError(f"solve_dtype: expected None, float32 or float64, got {value!r}.")
+        expected = "None, 'auto', float32 or float64" if allow_auto else "None, float32 or float64"
+        raise ValueError(f"solve_dtype: expected {expected}, got {value!r}.")
     return name

@@ -152,11 +152,10 @@ def main(argv=None, alm_variants=None):
     print(f"# UCI suite: {n_splits} splits, {budget:g} s per method, {args.model} {args.depth}x{args.width} tanh, {args.dtype}, "
           f"XLA_FLAGS={meta['XLA_FLAGS']!r}")
     alm_options = {k: v for k, v in (("policy", args.policy), ("solve_dtype", args.solve_dtype),
-                                     ("multipliers", args.multipliers), ("second_order", args.second_order),
-                                     ("damping_decrease", args.damping_decrease))
+                                     ("multipliers", args.multipliers), ("damping_decrease", args.damping_decrease))
                     if v is not None}
-    if args.second_order is not None and args.second_order.lower() != "auto":
-        alm_options["second_order"] = float(args.second_order)
+    if args.second_order is not None:
+        alm_options["second_order"] = "auto" if args.second_order.lower() == "auto" else float(args.second_order)
     if args.curvature_samples is not None:
         c = args.curvature_samples.lower()
         alm_options["curvature_samples"] = None if c == "none" else c if c == "auto" else int(c)

@@ -496,7 +496,7 @@ def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
     The other options are `lm`'s.
     """
     _, max_steps = _check_common(state_damping_ratio, init_damping, None, max_steps, damping_decrease)
-    solve_dtype = "auto" if isinstance(solve_dtype, str) and solve_dtype == "auto" else check_solve_dtype(solve_dtype)
+    solve_dtype = check_solve_dtype(solve_dtype, allow_auto=True)
     max_cg_steps = check_int("max_cg_steps", max_cg_steps)
     if isinstance(second_order, str):
         check_choice("second_order", second_order, ("auto",))
