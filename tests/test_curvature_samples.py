@@ -21,7 +21,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import alm_jax
-from alm_jax._inner._lm import AUTO_SAMPLES_PER_WEIGHT, curvature_stride
+from alm_jax._inner._lm import (AUTO_SAMPLES_PER_WEIGHT, LMOptions, _counted_step, _model_length, _step_model,
+                                curvature_stride, lm_iteration)
 from alm_jax._lifted import lifted_residual, merit
 from alm_jax._linalg._linearise import every_kth
 from alm_jax._linalg._matfree import matfree_step
@@ -174,3 +175,57 @@ def test_lm_uses_every_sample():
         assert alm_jax.alm(inner="lm", **kw).init(pb.model, pb.x, pb.y).inner.sample_offset is None
     with pytest.raises(TypeError):
         alm_jax.alm(inner="lm", curvature_samples=4)
+
+
+def _ray(params, spec, p, Z, dp, dz):
+    """(a, c) of the model's decrease q(α) = αa − ½α²c along α(dθ, dZ), from forward mode of the dense residual."""
+    r, jd = jax.jvp(lambda q, z: lifted_residual(q, z, spec, p.x, p.y, p.multipliers, p.sigma), (params, Z), (dp, dz))
+    return -jnp.dot(r, jd), jnp.dot(jd, jd)
+
+
+def test_subsampled_step_is_shortened_to_the_models_minimiser():
+    """A step from a subsample's S_B can overshoot the whole problem's model;
+    it is then taken at α* = a/c, the model's minimiser along it, and
+    Nielsen's rule sees α*ρ. Here (m = 13, k = 3, μ = 0.1) the full step
+    predicts an increase, q(1) < 0, so it would be rejected outright, and
+    α* ≈ 0.15. a and c come from forward mode of the dense residual, so
+    the check is independent of the step model's GEMMs (agreement 1e-10,
+    relative, in float64); the step, the objective and μ follow to 1e-12."""
+    params, spec, Z, p = subproblem(1, 5, 1, m=13, seed=0, perturb=0.5)
+    mu = jnp.asarray(0.1)
+    opts = LMOptions(linear_solver="cg", curvature_samples=4, cg_rtol=1e-12, cg_max_steps=500)
+    assert curvature_stride(4, spec, 13) == 3
+    args = (params, Z, spec, p.x, p.y, p.multipliers, p.sigma)
+    dp, dz, _ = _counted_step(*args, mu, opts.state_damping_ratio * mu, opts, offset=1)
+    a, c = _ray(params, spec, p, Z, dp, dz)
+    alpha = a / c
+    assert a - c / 2 < 0 and 0.05 < alpha < 0.5
+    model = _step_model(*args, dp, dz, True)
+    np.testing.assert_allclose(_model_length(model.slope, model.predicted), alpha, rtol=1e-10)
+
+    res = lm_iteration(*args, mu, jnp.asarray(2.0), opts, offset=1)
+    assert bool(res.accepted)
+    moved = jax.tree_util.tree_map(lambda w, d: w + alpha * d, params, dp)
+    for got, want in zip(jax.tree_util.tree_leaves(res.params), jax.tree_util.tree_leaves(moved)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+    f0 = merit(*args)
+    np.testing.assert_allclose(res.objective, merit(res.params, res.states, *args[2:]), rtol=1e-12)
+    rho = (f0 - res.objective) / (alpha * a - 0.5 * alpha**2 * c)
+    want_mu = mu * max(1 / 3, 1 - (2 * alpha * rho - 1) ** 3)
+    np.testing.assert_allclose(res.damping, want_mu, rtol=1e-10)
+
+
+@pytest.mark.parametrize("rtol", [1e-12, 0.3])
+def test_a_step_on_the_models_own_matrix_is_not_shortened(rtol):
+    """With every sample, CG (exact or truncated, preconditioned) minimises
+    the model over its Krylov space, so a ≥ c along its step (Galerkin:
+    a = dᵀ(S + μ)d) and α* = 1: shortening changes only subsampled steps."""
+    params, spec, Z, p = subproblem(1, 5, 1, m=13, seed=0, perturb=0.5)
+    opts = LMOptions(linear_solver="cg", cg_rtol=rtol, cg_max_steps=500, precondition=True)
+    args = (params, Z, spec, p.x, p.y, p.multipliers, p.sigma)
+    for mu in (1e-3, 1e-1):
+        dp, dz, steps = _counted_step(*args, jnp.asarray(mu), opts.state_damping_ratio * mu, opts)
+        a, c = _ray(params, spec, p, Z, dp, dz)
+        assert int(steps) >= 1 and a >= c * (1 - 1e-10)
+        model = _step_model(*args, dp, dz, True)
+        assert float(_model_length(model.slope, model.predicted)) == 1.0
