@@ -313,7 +313,8 @@ def lm_iteration(params, Z, spec, x, y, Lam, sigma, damping, nu, opts: LMOptions
             # Nielsen's rule sees αρ, about the gain against the model d
             # came from: the subsample's predicted ≈ a/2 along d (CG's
             # Galerkin condition), the whole problem's α*a/2 at α*d. A step
-            # shortened to α* < ½ then counts as a failure and μ grows.
+            # shortened below α* = ½ is still taken, but μ then grows (by
+            # up to 2×), as after a poor step.
             rho = alpha * rho
     else:
         # One shorter trial along a rejected direction, in a loop of at
