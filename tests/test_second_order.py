@@ -147,28 +147,25 @@ def test_second_order_zero_leaves_gauss_newton_alone(yacht):
     np.testing.assert_array_equal(a.history.mse, b.history.mse)
 
 
-def _auto_cases():
-    """(model, m, on): one hidden layer with P ≤ m < 8P (on), one hidden
-    layer with m ≥ 8P (subsampled, off) and with m < P (fewer residuals
-    than weights, off), two hidden layers (off)."""
-    one = eqx.nn.MLP(3, 1, 4, 1, activation=jnp.tanh, key=jax.random.key(0))  # P = 21
-    two = eqx.nn.MLP(3, 1, 4, 2, activation=jnp.tanh, key=jax.random.key(0))
-    wide = eqx.nn.MLP(3, 2, 4, 1, activation=jnp.tanh, key=jax.random.key(0))  # P = 26: residuals m·n_out
-    return [(one, 21, True), (one, 8 * 21 - 1, True), (one, 8 * 21, False), (one, 20, False), (two, 40, False),
-            (wide, 13, True), (wide, 12, False)]
+# (depth, n_out, m, on) with width 4 and 3 inputs: one hidden layer (P = 21)
+# with P ≤ m < 8P (on), with m ≥ 8P (subsampled, off) and with m < P (fewer
+# residuals than weights, off); two hidden layers (off); two outputs (P = 26,
+# residuals m·n_out) on and off.
+AUTO_CASES = [(1, 1, 21, True), (1, 1, 8 * 21 - 1, True), (1, 1, 8 * 21, False), (1, 1, 20, False),
+              (2, 1, 40, False), (1, 2, 13, True), (1, 2, 12, False)]
 
 
-@pytest.mark.parametrize("case", range(7))
-def test_auto_second_order_and_solve_dtype(case):
+@pytest.mark.parametrize("depth, n_out, m, on", AUTO_CASES)
+def test_auto_second_order_and_solve_dtype(depth, n_out, m, on):
     """The default ("auto") is τ = 0.5 with float32 CG where it is on and
     Gauss–Newton in the model's dtype where it is off: its iterates equal
     the explicit options' bit for bit (deterministic programs) and differ
     from those with the other CG dtype, and the curvature weight is
     carried exactly where τ > 0."""
-    model, m, on = _auto_cases()[case]
+    model = eqx.nn.MLP(3, n_out, 4, depth, activation=jnp.tanh, key=jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (m, 3), jnp.float64)
     y = jnp.concatenate([jnp.sin(x[:, :1] - x[:, 1:2] * x[:, 2:]), jnp.cos(x[:, :1] + x[:, 2:])], axis=1)
-    y = y[:, :model.out_size]
+    y = y[:, :n_out]
     tau = 0.5 if on else 0.0
     auto = alm_jax.fit(model, x, y, max_steps=6, progress=False)
     ref = alm_jax.fit(model, x, y, max_steps=6, progress=False, second_order=tau,
