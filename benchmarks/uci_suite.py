@@ -112,7 +112,7 @@ def main(argv=None, alm_variants=None):
     ap.add_argument("--policy", default=None, help="ALM policy (default: the library's)")
     ap.add_argument("--solve-dtype", default=None, choices=["auto", "float32", "float64"],
                     help="the inner cg's CG dtype (default: the library's, auto: float32 for one hidden layer "
-                         "whose CG products use every sample)")
+                         "whose CG products use every sample, on a CPU)")
     ap.add_argument("--max-stall", default=None,
                     help="ALM's max_stall (default: the library's); 'none' turns the stall safeguard off")
     ap.add_argument("--multipliers", default=None, choices=["auto", "first_order", "adjoint"],
@@ -123,7 +123,8 @@ def main(argv=None, alm_variants=None):
     ap.add_argument("--damping-decrease", type=float, default=None,
                     help="the inner cg's damping_decrease (default: the library's, Nielsen's 1/3)")
     ap.add_argument("--curvature-samples", default=None,
-                    help="the inner cg's curvature_samples: a count, 'auto' or 'none' (default: the library's, auto)")
+                    help="the inner cg's curvature_samples: a count, 'auto' or 'none' (default: the library's, "
+                         "auto: 4 per weight on a CPU, every sample on a GPU or TPU)")
     ap.add_argument("--dtype", default="float64", choices=["float32", "float64"],
                     help="the models' and data's dtype (float32: JAX's x64 mode stays off)")
     ap.add_argument("--matmul-precision", default=None,

@@ -109,7 +109,7 @@ def test_float32_products_on_a_subsample():
     assert 1e-8 < err < 1e-3
 
 
-def test_stride_from_the_option():
+def test_stride_from_the_option(cpu_auto):
     """k = ⌊m/b⌋, b = 4 samples per weight for "auto", at least 1; None is every sample."""
     _, spec, _, _ = subproblem(1, 5, 2, m=13)
     p = num_weights(spec)
@@ -139,7 +139,7 @@ def test_the_offset_cycles_through_the_samples():
     assert alm_jax.alm().init(pb.model, pb.x, pb.y).inner.sample_offset is None
 
 
-def test_training_with_a_subsample():
+def test_training_with_a_subsample(cpu_auto):
     """Every step is judged on the whole problem's gain ratio. A 3-4-1 student
     of a 3-4-1 teacher, m = 600 (P = 21, so "auto" takes every 7th sample):
     40 updates bring the training loss from ≈ 0.04 after the first to

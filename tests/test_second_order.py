@@ -16,6 +16,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import alm_jax
+from alm_jax._inner import _lm
 from alm_jax._inner._lm import LMOptions, _step_model, damped_step, lm_iteration
 from alm_jax._lifted import lifted_residual, merit
 from alm_jax._linalg import _curvature
@@ -156,7 +157,7 @@ AUTO_CASES = [(1, 1, 21, True), (1, 1, 8 * 21 - 1, True), (1, 1, 8 * 21, False),
 
 
 @pytest.mark.parametrize("depth, n_out, m, on", AUTO_CASES)
-def test_auto_second_order_and_solve_dtype(depth, n_out, m, on):
+def test_auto_second_order_and_solve_dtype(cpu_auto, depth, n_out, m, on):
     """The default ("auto") is τ = 0.5 with float32 CG where it is on and
     Gauss–Newton in the model's dtype where it is off: its iterates equal
     the explicit options' bit for bit (deterministic programs) and differ
@@ -175,6 +176,44 @@ def test_auto_second_order_and_solve_dtype(depth, n_out, m, on):
     assert (auto.state.inner.curvature_weight is not None) == on
     np.testing.assert_array_equal(auto.history.mse, ref.history.mse)
     assert not np.array_equal(auto.history.mse, other.history.mse)
+
+
+# (depth, m, on) on an accelerator, width 4, 3 inputs, one output (P = 21):
+# m ≥ 8P, subsampled on a CPU, uses every sample there and is on.
+AUTO_ACCELERATOR_CASES = [(1, 8 * 21, True), (1, 21, True), (1, 20, False), (2, 40, False)]
+
+
+@pytest.mark.parametrize("depth, m, on", AUTO_ACCELERATOR_CASES)
+def test_auto_on_an_accelerator(cpu_auto, monkeypatch, depth, m, on):
+    """Where JAX's default device is an accelerator, "auto" is every sample
+    in CG's products and the model's dtype, with τ = 0.5 where one hidden
+    layer has P ≤ m·n_out: its iterates equal those explicit options' bit
+    for bit and differ from the CPU's choice."""
+    model = eqx.nn.MLP(3, 1, 4, depth, activation=jnp.tanh, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (m, 3), jnp.float64)
+    y = jnp.sin(x[:, :1] - x[:, 1:2] * x[:, 2:])
+    cpu = alm_jax.fit(model, x, y, max_steps=6, progress=False)
+    monkeypatch.setattr(_lm, "on_accelerator", lambda: True)
+    auto = alm_jax.fit(model, x, y, max_steps=6, progress=False)
+    ref = alm_jax.fit(model, x, y, max_steps=6, progress=False, second_order=0.5 if on else 0.0,
+                      solve_dtype=None, curvature_samples=None)
+    assert (auto.state.inner.curvature_weight is not None) == on
+    assert auto.state.inner.sample_offset is None
+    np.testing.assert_array_equal(auto.history.mse, ref.history.mse)
+    differs = not np.array_equal(auto.history.mse, cpu.history.mse)
+    assert differs == (depth == 1 and m >= 21)  # the CPU subsamples or runs CG in float32 there
+
+
+def test_on_accelerator_follows_the_default_device(monkeypatch):
+    """The default backend decides unless `jax.default_device` names another device."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert not _lm.on_accelerator()
+    with jax.default_device("tpu"):
+        assert _lm.on_accelerator()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert _lm.on_accelerator()
+    with jax.default_device(jax.devices("cpu")[0]):
+        assert not _lm.on_accelerator()
 
 
 def test_second_order_trains_wine(wine):

@@ -102,20 +102,35 @@ class LMState(NamedTuple):
     sample_offset: jnp.ndarray | None = None  # the first sample of CG's next subsample (`curvature_samples`)
 
 
+def on_accelerator() -> bool:
+    """Whether JAX's default device (`jax.default_device`, else the default backend) is not a CPU.
+
+    The "auto" options are read at trace time, where the arrays' device is
+    not known. On an H100 an update's time was set by kernel launches, not
+    by m: about 100 per second from m = 277 to 8,611 (benchmarks/RESULTS.md,
+    Round 19). A subsample or float32 CG then saves no time and costs step
+    quality, so there "auto" uses every sample in the model's dtype (Round 25).
+    """
+    device = jax.config.jax_default_device
+    platform = jax.default_backend() if device is None else device if isinstance(device, str) else device.platform
+    return platform != "cpu"
+
+
 def curvature_stride(samples, spec, m: int) -> int:
     """k of CG's subsample, every k-th sample: ⌊m/b⌋ for b = `samples` (4 per weight for "auto"), at least 1.
 
     "auto" leaves a general layer chain alone (it has no subsampled
-    products); an explicit count that subsamples one is refused at `init`.
+    products), and every network on an accelerator (`on_accelerator`); an
+    explicit count that subsamples a layer chain is refused at `init`.
     """
-    if samples is None or (samples == "auto" and isinstance(spec, LayerSpec)):
+    if samples is None or (samples == "auto" and (isinstance(spec, LayerSpec) or on_accelerator())):
         return 1
     b = AUTO_SAMPLES_PER_WEIGHT * num_weights(spec) if samples == "auto" else samples
     return max(1, m // b)
 
 
 def auto_one_layer(opts: LMOptions, spec, m: int) -> bool:
-    """Whether "auto" turns on the curvature term and float32 CG: one hidden layer, P ≤ m·n_out, every sample in CG.
+    """Whether "auto" turns on the curvature term (and, on a CPU, float32 CG): one hidden layer, P ≤ m·n_out, every sample in CG.
 
     Both paid on the 1×50 UCI sets whose products use every sample and
     cost most of an update (m < 8P) and whose residuals stay large; where
@@ -138,7 +153,7 @@ def resolve_auto(opts: LMOptions, spec, m: int) -> LMOptions:
     if opts.second_order == "auto":
         opts = opts._replace(second_order=AUTO_SECOND_ORDER if on else 0.0)
     if opts.solve_dtype == "auto":
-        opts = opts._replace(solve_dtype=AUTO_SOLVE_DTYPE if on else None)
+        opts = opts._replace(solve_dtype=AUTO_SOLVE_DTYPE if on and not on_accelerator() else None)
     return opts
 
 
@@ -489,8 +504,10 @@ def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
     (benchmarks/RESULTS.md). `solve_dtype` (None: the model's dtype) runs
     CG in another dtype; the forcing term, the gain ratio and the states
     stay in the model's. "auto" (the default) is float32 where
-    `second_order="auto"` turns the curvature term on, and the model's
-    dtype otherwise. With a float64 MLP, "float32" made CG products
+    `second_order="auto"` turns the curvature term on and JAX's default
+    device is a CPU, and the model's dtype otherwise (`on_accelerator`;
+    on an H100 float64 CG trained 0.89–0.98× as low on UCI energy, wine
+    and concrete at 10 s, 4 splits, Round 25). With a float64 MLP, "float32" made CG products
     2.3–2.4× faster on XLA:CPU and trained 2–4 % lower at equal time on UCI
     kin8nm, power-plant, concrete and wine, but its step has a floor of
     ≈ κ(S)·ε₃₂, and where the training error falls to 1e-7 (UCI yacht,
@@ -522,8 +539,12 @@ def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
     gradient, the forcing term, the states' step and the gain ratio use
     all samples, so the step is judged on the whole problem (subsampled
     curvature: Byrd, Chin, Neveitt & Nocedal, SIAM J. Optim. 21 (2011);
-    Martens, ICML 2010). "auto" (the default) takes 4 samples per weight,
-    so only data sets with m ≥ 8P are subsampled; None uses every sample.
+    Martens, ICML 2010). "auto" (the default) takes 4 samples per weight
+    on a CPU, so only data sets with m ≥ 8P are subsampled, and every
+    sample on an accelerator, where an update's time hardly grows with m
+    (on an H100, 1×50 kin8nm and power-plant at 10 s trained 0.995× and
+    0.994× as low with every sample, the curvature term and float64 CG,
+    4 splits, Round 25); None uses every sample.
     On 1×50 networks at 10 s (20 splits) it trained 0.963× as low on UCI
     kin8nm (k = 3) and 0.940× on power-plant (k = 7), where CG's products
     took three quarters of an update; 2 samples per weight trained 2.5 %
