@@ -109,7 +109,7 @@ def test_float32_products_on_a_subsample():
     assert 1e-8 < err < 1e-3
 
 
-def test_stride_from_the_option(cpu_auto):
+def test_stride_from_the_option():
     """k = ⌊m/b⌋, b = 4 samples per weight for "auto", at least 1; None is every sample."""
     _, spec, _, _ = subproblem(1, 5, 2, m=13)
     p = num_weights(spec)

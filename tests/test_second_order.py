@@ -156,6 +156,14 @@ AUTO_CASES = [(1, 1, 21, True), (1, 1, 8 * 21 - 1, True), (1, 1, 8 * 21, False),
               (2, 1, 40, False), (1, 2, 13, True), (1, 2, 12, False)]
 
 
+def _auto_problem(depth, n_out, m):
+    """The "auto" tests' MLP (3 inputs, width 4) and m samples of a smooth target with n_out ≤ 2 outputs."""
+    model = eqx.nn.MLP(3, n_out, 4, depth, activation=jnp.tanh, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (m, 3), jnp.float64)
+    y = jnp.concatenate([jnp.sin(x[:, :1] - x[:, 1:2] * x[:, 2:]), jnp.cos(x[:, :1] + x[:, 2:])], axis=1)
+    return model, x, y[:, :n_out]
+
+
 @pytest.mark.parametrize("depth, n_out, m, on", AUTO_CASES)
 def test_auto_second_order_and_solve_dtype(cpu_auto, depth, n_out, m, on):
     """The default ("auto") is τ = 0.5 with float32 CG where it is on and
@@ -163,10 +171,7 @@ def test_auto_second_order_and_solve_dtype(cpu_auto, depth, n_out, m, on):
     the explicit options' bit for bit (deterministic programs) and differ
     from those with the other CG dtype, and the curvature weight is
     carried exactly where τ > 0."""
-    model = eqx.nn.MLP(3, n_out, 4, depth, activation=jnp.tanh, key=jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (m, 3), jnp.float64)
-    y = jnp.concatenate([jnp.sin(x[:, :1] - x[:, 1:2] * x[:, 2:]), jnp.cos(x[:, :1] + x[:, 2:])], axis=1)
-    y = y[:, :n_out]
+    model, x, y = _auto_problem(depth, n_out, m)
     tau = 0.5 if on else 0.0
     auto = alm_jax.fit(model, x, y, max_steps=6, progress=False)
     ref = alm_jax.fit(model, x, y, max_steps=6, progress=False, second_order=tau,
@@ -189,9 +194,7 @@ def test_auto_on_an_accelerator(cpu_auto, monkeypatch, depth, m, on):
     in CG's products and the model's dtype, with τ = 0.5 where one hidden
     layer has P ≤ m·n_out: its iterates equal those explicit options' bit
     for bit and differ from the CPU's choice."""
-    model = eqx.nn.MLP(3, 1, 4, depth, activation=jnp.tanh, key=jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (m, 3), jnp.float64)
-    y = jnp.sin(x[:, :1] - x[:, 1:2] * x[:, 2:])
+    model, x, y = _auto_problem(depth, 1, m)
     cpu = alm_jax.fit(model, x, y, max_steps=6, progress=False)
     monkeypatch.setattr(_lm, "on_accelerator", lambda: True)
     auto = alm_jax.fit(model, x, y, max_steps=6, progress=False)

@@ -112,18 +112,19 @@ def on_accelerator() -> bool:
     quality, so there "auto" uses every sample in the model's dtype (Round 25).
     """
     device = jax.config.jax_default_device
-    platform = jax.default_backend() if device is None else device if isinstance(device, str) else device.platform
-    return platform != "cpu"
+    if device is None:
+        return jax.default_backend() != "cpu"
+    return (device if isinstance(device, str) else device.platform) != "cpu"
 
 
 def curvature_stride(samples, spec, m: int) -> int:
     """k of CG's subsample, every k-th sample: ⌊m/b⌋ for b = `samples` (4 per weight for "auto"), at least 1.
 
     "auto" leaves a general layer chain alone (it has no subsampled
-    products), and every network on an accelerator (`on_accelerator`); an
-    explicit count that subsamples a layer chain is refused at `init`.
+    products); an explicit count that subsamples one is refused at `init`.
+    On an accelerator `resolve_auto` has already made "auto" None.
     """
-    if samples is None or (samples == "auto" and (isinstance(spec, LayerSpec) or on_accelerator())):
+    if samples is None or (samples == "auto" and isinstance(spec, LayerSpec)):
         return 1
     b = AUTO_SAMPLES_PER_WEIGHT * num_weights(spec) if samples == "auto" else samples
     return max(1, m // b)
@@ -146,14 +147,22 @@ def auto_one_layer(opts: LMOptions, spec, m: int) -> bool:
 
 
 def resolve_auto(opts: LMOptions, spec, m: int) -> LMOptions:
-    """`opts` with "auto" in `second_order` and `solve_dtype` replaced by the values for this model and data."""
+    """`opts` with "auto" replaced by the values for this model, data and device (`on_accelerator`).
+
+    On an accelerator `curvature_samples` takes every sample and CG runs in
+    the model's dtype; elsewhere the CPU's rules (`curvature_stride`,
+    `auto_one_layer`).
+    """
+    accelerated = on_accelerator()
+    if opts.curvature_samples == "auto" and accelerated:
+        opts = opts._replace(curvature_samples=None)
     if opts.second_order != "auto" and opts.solve_dtype != "auto":
         return opts
     on = auto_one_layer(opts, spec, m)
     if opts.second_order == "auto":
         opts = opts._replace(second_order=AUTO_SECOND_ORDER if on else 0.0)
     if opts.solve_dtype == "auto":
-        opts = opts._replace(solve_dtype=AUTO_SOLVE_DTYPE if on and not on_accelerator() else None)
+        opts = opts._replace(solve_dtype=AUTO_SOLVE_DTYPE if on and not accelerated else None)
     return opts
 
 
