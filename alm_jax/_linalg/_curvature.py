@@ -13,7 +13,8 @@ only through s_0, and x̃ is data, so their part of the sum is
 one weighted Gram matrix per hidden unit: the multipliers' estimate
 ν = σ ⊙ (h + λ/σ) times the constraints' curvature, the Lagrangian Hessian
 of SQP. It leaves the states' block alone, so the elimination of the states
-is unchanged (`_onelayer`); applying C costs two GEMMs over the samples.
+is unchanged (`_onelayer`); in CG's product C shares J_θ's GEMM with the
+first layer and J_θᵀ's contraction over the samples (`_onelayer_product`).
 
 The output rows' part, the bilinear coupling of W_1 and z through
 s_1 = W̃_1 z̃, is left out: with it the step's model was indefinite in a
@@ -53,13 +54,6 @@ def curvature(lin: Linearisation, params: DenseParams, spec: ChainSpec, weight=1
 def _first_layer(lin: Linearisation, weights: DenseParams):
     """W̃_0 x̃, (m, n): the first layer's pre-activations s_0 for the weights, ds_0 for a change dθ."""
     return lin.zt_in @ layer_blocks(weights)[0].T
-
-
-def apply(q, lin: Linearisation, dtheta: DenseParams):
-    """C dθ as a flat weight vector (nonzero in the first layer's block only)."""
-    first = jnp.einsum("ma,mk->ak", q * _first_layer(lin, dtheta), lin.zt_in).reshape(-1)
-    rest = sum(b.size for b in layer_blocks(dtheta)[1:])
-    return jnp.concatenate([first, jnp.zeros((rest,), first.dtype)])
 
 
 def quadratic(q, lin: Linearisation, dtheta: DenseParams):
