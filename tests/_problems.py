@@ -42,13 +42,13 @@ def make_problem(depth=2, width=4, n_in=3, n_out=1, m=6, bias=True, final_bias=N
 
 
 def subproblem(depth, width, n_out, m=12, sigma=3.0, seed=0, loss="squared", act=jnp.tanh, perturb=0.3,
-               multiplier_scale=1.0):
+               multiplier_scale=1.0, bias=True):
     """An ALM subproblem of `make_problem`'s MLP: `(params, spec, Z, alm_jax._inner.Problem)`.
 
     For cross-entropy y is one-hot over the classes in turn; the multipliers
     are `make_problem`'s times `multiplier_scale`.
     """
-    pb = make_problem(depth=depth, width=width, n_out=n_out, m=m, seed=seed, act=act, perturb=perturb)
+    pb = make_problem(depth=depth, width=width, n_out=n_out, m=m, bias=bias, seed=seed, act=act, perturb=perturb)
     params, spec = mlp_to_chain(pb.model)
     spec = dataclasses.replace(spec, loss=alm_jax.losses.get_loss(loss))
     y = pb.y

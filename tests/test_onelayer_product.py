@@ -11,20 +11,16 @@ sides agree to ≈ 1e-14; 1e-12 leaves margin, while a wrong block, sign,
 transpose or weight gives O(1) errors.
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import pytest
 
-import alm_jax
-from alm_jax._chain import mlp_to_chain
 from alm_jax._lifted import lifted_residual
 from alm_jax._linalg import _curvature, _onelayer, _onelayer_product
 from alm_jax._linalg._linearise import linearise
 from alm_jax._linalg._schur import layer_blocks, num_weights, unflatten_weights
 
-from _problems import make_problem
+from _problems import subproblem
 
 CASES = {
     # n_out, bias, loss, curvature weight τ
@@ -36,19 +32,12 @@ CASES = {
 }
 
 
-def _setup(n_out, bias, loss, m=11, width=6):
-    pb = make_problem(depth=1, width=width, n_in=4, n_out=n_out, m=m, bias=bias, seed=3, perturb=0.5)
-    params, spec = mlp_to_chain(pb.model)
-    spec = dataclasses.replace(spec, loss=alm_jax.losses.get_loss(loss))
-    y = pb.y if loss == "squared" else jax.nn.one_hot(jnp.arange(m) % n_out, n_out, dtype=pb.y.dtype)
-    Z, Lam = jnp.stack(pb.states), 2.0 * jnp.stack(pb.multipliers)
-    return params, spec, pb.x, y, Z, Lam, jnp.asarray(3.0)
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_product_matches_the_dense_reduced_system(case):
     n_out, bias, loss, tau = CASES[case]
-    params, spec, x, y, Z, Lam, sigma = _setup(n_out, bias, loss)
+    params, spec, Z, p = subproblem(1, 6, n_out, m=11, seed=3, loss=loss, perturb=0.5, multiplier_scale=2.0,
+                                    bias=bias)
+    x, y, Lam, sigma = p.x, p.y, p.multipliers, p.sigma
     mu_z = 1e-3
     n_theta = num_weights(spec)
 

@@ -267,12 +267,18 @@ def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=
             t_in, _, t_out = layer_blocks(unflatten_weights(v, spec))
             g_in, g_out, t = _onelayer_product.apply(data, t_in, t_out)
             return jnp.concatenate([g_in.reshape(-1), g_out.reshape(-1)]), t
+
+        def states_layout(t):  # t, accumulated by CG with the samples last, as (1, m, n)
+            return t.T[None]
     else:
         def product(v):
             dtheta = unflatten_weights(v, spec)
             e_h, e_o = weight_jvp(lin_s, dtheta, spec)
             (p_h, p_o), t = _project(lin_s, fac_s, elim, e_h, e_o)
             return weight_vjp(lin_s, p_h, p_o), t
+
+        def states_layout(t):
+            return t
 
     def s_apply(v):
         out, t = product(v)
@@ -290,8 +296,7 @@ def matfree_step(params, spec: ChainSpec, x, y, Z, Lam, sigma, mu_w, mu_z, rtol=
     # pass over all of them then gives it.
     if stride == 1:
         value, steps, t_d = pcg(s_apply, -g, rtol, step_limit(max_steps, cap), pre, has_aux=True)
-        if spec.depth == 1:
-            t_d = t_d.T[None]  # accumulated with the samples last (`_onelayer_product`)
+        t_d = states_layout(t_d)
     else:
         value, steps = pcg(lambda v: s_apply(v)[0], -g, rtol, step_limit(max_steps, cap), pre)
         _, t_d = _project(lin, fac, elim, *weight_jvp(lin, unflatten_weights(value, spec), spec))
