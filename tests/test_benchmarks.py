@@ -76,3 +76,32 @@ def test_compare_merges_runs_and_renames(monkeypatch, tmp_path):
     assert rows["alm"]["train_target"] is False and rows["alm_f32"]["train_target"] is True
     with pytest.raises(ValueError, match="more than one source"):
         compare.load([peers, variant])
+
+
+def test_basin_curvature_at_a_least_squares_fit(monkeypatch):
+    """`basin.curvature` on a linear model (an MLP without hidden layers) at its
+    least-squares fit: f = mean (Xw − y)² has ∇f = 0 there and ∇²f = (2/m) XᵀX
+    (X with a column of ones for the bias), so its extreme eigenvalues are known.
+    Float64; the gradient is round-off of a solve of condition ≈ 10 (bound 1e-12)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    basin = importlib.import_module("basin")
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    m, n = 40, 3
+    x = rng.normal(size=(m, n))
+    y = x @ np.array([1.0, -2.0, 0.5]) + 0.3 + 0.1 * rng.normal(size=m)
+    X = np.hstack([x, np.ones((m, 1))])
+    w = np.linalg.lstsq(X, y, rcond=None)[0]
+    model = eqx.nn.MLP(n, 1, 4, 0, key=jax.random.key(0))
+    model = eqx.tree_at(lambda mo: (mo.layers[0].weight, mo.layers[0].bias), model,
+                        (jnp.asarray(w[:n])[None, :], jnp.asarray(w[n:])))
+    grad, lo, hi = basin.curvature(model, jnp.asarray(x), jnp.asarray(y)[:, None], max_weights=100)
+    eig = np.linalg.eigvalsh(2 / m * X.T @ X)
+    assert grad < 1e-12
+    assert lo == pytest.approx(eig[0], rel=1e-12) and hi == pytest.approx(eig[-1], rel=1e-12)
+    assert basin.curvature(model, jnp.asarray(x), jnp.asarray(y)[:, None], max_weights=3)[1:] == (None, None)
