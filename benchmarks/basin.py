@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -86,7 +87,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"# ALM {args.budget:g} s, then {args.extra:g} s of each continuation; {args.depth}x{args.width} tanh, "
-          f"float64, XLA_FLAGS={uci_suite.os.environ.get('XLA_FLAGS', '')!r}")
+          f"float64, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     rows = []
     for name in args.datasets:
         print(f"\n{name}: split | ALM's train MSE, updates | ‖∇f‖ | λ_min, λ_max of ∇²f | L-BFGS's / ALM's | "
@@ -120,7 +121,7 @@ def main(argv=None):
         print(f"  at a local minimum on {sum(r['at_minimum'] for r in ours)}/{len(ours)} splits; mean train MSE "
               f"{np.mean([r['alm_train_mse'] for r in ours]):.5g}")
     meta = {"command": " ".join(["python"] + sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "device": str(jax.devices()[0]), "XLA_FLAGS": uci_suite.os.environ.get("XLA_FLAGS", ""),
+            "device": str(jax.devices()[0]), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
             **{k: v for k, v in vars(args).items() if k != "out"}}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"\n# wrote {out}/results.json")
