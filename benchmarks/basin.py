@@ -93,12 +93,7 @@ def main(argv=None):
         print(f"\n{name}: split | ALM's train MSE, updates | ‖∇f‖ | λ_min, λ_max of ∇²f | L-BFGS's / ALM's | "
               f"best Adam's / ALM's | at a local minimum")
         for split in range(args.splits):
-            if name == uci_suite.TEACHER:
-                data = uci_suite.teacher_student(split, args.depth, args.width)
-            else:
-                data = alm_jax.datasets.load_uci(name, split)
-            model = eqx.nn.MLP(data.x_train.shape[1], 1, args.width, args.depth, activation=jnp.tanh,
-                               key=jax.random.key(split))
+            data, model = uci_suite.problem(name, split, args.depth, args.width)
             x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
             res = alm_jax.fit(model, x, y, time_budget=args.budget, progress=False)
             f_alm, _ = uci_suite.evaluate(res.model, data)

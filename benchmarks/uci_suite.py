@@ -94,6 +94,16 @@ def residual_chain(n_in, width, depth, key):
     return eqx.nn.Sequential(layers + [eqx.nn.Linear(width, 1, key=k[-1])])
 
 
+def problem(name, split, depth, width, model="mlp"):
+    """A split's data (a UCI set or `TEACHER`) and its initial network, the same for every method."""
+    data = teacher_student(split, depth, width) if name == TEACHER else alm_jax.datasets.load_uci(name, split)
+    if model == "mlp":
+        net = eqx.nn.MLP(data.x_train.shape[1], 1, width, depth, activation=jnp.tanh, key=jax.random.key(split))
+    else:
+        net = residual_chain(data.x_train.shape[1], width, depth, jax.random.key(split))
+    return data, net
+
+
 def evaluate(model, data):
     pred_tr = np.asarray(jax.vmap(model)(jnp.asarray(data.x_train)))
     pred_te = np.asarray(jax.vmap(model)(jnp.asarray(data.x_test)))
@@ -168,15 +178,7 @@ def main(argv=None, alm_variants=None):
     for name in args.datasets:
         per_method = {m: {"train_mse": [], "test_rmse": [], "t_target": [], "curves": []} for m in args.methods}
         for split in range(n_splits):
-            if name == TEACHER:
-                data = teacher_student(split, args.depth, args.width)
-            else:
-                data = alm_jax.datasets.load_uci(name, split)
-            if args.model == "mlp":
-                model = eqx.nn.MLP(data.x_train.shape[1], 1, args.width, args.depth, activation=jnp.tanh,
-                                   key=jax.random.key(split))
-            else:
-                model = residual_chain(data.x_train.shape[1], args.width, args.depth, jax.random.key(split))
+            data, model = problem(name, split, args.depth, args.width, args.model)
             x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
             for method in args.methods:
                 extra = None
