@@ -45,6 +45,8 @@ from ._policies import Policy, get_policy
 _SIGMA_CEILING = 1e12
 # The penalty the stall safeguard (`alm`'s `max_stall`) may raise σ to.
 _STALL_CEILING = 1e6
+# `alm`'s `reshoot_above`: the forward-loss safeguard re-shoots instead of raising σ past it.
+RESHOOT_ABOVE = 1e5
 
 
 class ALMState(eqx.Module):
@@ -118,6 +120,19 @@ def safeguard_penalty(sigma_new, sigma_old, loss_forward, loss_lifted, max_gap):
     return jnp.where(drift, raised, sigma_new)
 
 
+def reshoot(params, spec, x, y, Z, Lam, now):
+    """The states and multipliers after re-shooting where `now` (see `alm`'s `reshoot_above`).
+
+    Re-shooting puts the states on the forward pass of `params` (h = 0) and the
+    multipliers at backpropagation's adjoint there; otherwise (Z, λ) is kept.
+    """
+    def shoot(_):
+        Zf = _lifted.forward_states_stacked(params, spec, x)
+        return Zf, _lifted.adjoint_multipliers(params, spec, x, y, jnp.zeros_like(Zf))
+
+    return jax.lax.cond(now, shoot, lambda _: (Z, Lam), None)
+
+
 def stall_penalty(sigma_new, sigma_old, stall, max_stall):
     """σ after the stall safeguard (see `alm`'s `max_stall`), and the stall count after it.
 
@@ -140,6 +155,7 @@ def alm(
     max_loss_gap: float | None = 1.0,
     max_stall: int | None = 10,
     multipliers: str = "auto",
+    reshoot_above: float | None = RESHOOT_ABOVE,
     matmul_precision: str | None = _precision.DEFAULT,
     **inner_options,
 ) -> ALMSolver:
@@ -176,7 +192,7 @@ def alm(
             ends with the forward pass's loss above (1 + κ) times the
             lifted loss Σℓ at the states, the penalty is too small to hold
             the states to the network: σ ← 10σ then, past the policy's own
-            cap, up to 1e12. With the default cap (β_max = 1e3) a 4×16
+            cap, up to `reshoot_above` (1e12 with it off). With the default cap (β_max = 1e3) a 4×16
             network on UCI concrete otherwise drifted to a lifted loss of
             3e-4 while its forward-pass MSE rose to 4.7 (benchmarks/RESULTS.md).
             None turns the safeguard off.
@@ -207,6 +223,15 @@ def alm(
             in Round 15, 1.09–1.19× in Round 13); with one hidden layer it was
             mixed (wine 0.91×, yacht 0.76×, energy 1.16×, kin8nm 1.04×).
             The multipliers start at 0 either way.
+        reshoot_above: where the forward-loss safeguard (`max_loss_gap`)
+            would raise σ past this value, it re-shoots instead: σ is kept,
+            the states are set to the forward pass of the current weights
+            (h = 0) and the multipliers to backpropagation's adjoint there.
+            Raising σ without end let a 16×8 network on UCI concrete reach
+            σ = 1e10 at weights whose forward map was ill conditioned
+            (training-MSE Hessian λ_max up to 2.6e9); re-shooting past 1e5
+            trained 0.65× as low there at 30 s (10 splits, lower on 9;
+            benchmarks/RESULTS.md, Round 29). None turns it off.
         matmul_precision: precision of the matrix products in `init` and
             `update`, a `jax.default_matmul_precision` name. The default,
             "highest", multiplies float32 in float32. On an H100, JAX's own
@@ -242,6 +267,8 @@ def alm(
     if max_loss_gap is not None:
         check_positive("max_loss_gap", max_loss_gap, allow_zero=True)
     max_stall = check_int("max_stall", max_stall, allow_none=True)
+    if reshoot_above is not None:
+        check_positive("reshoot_above", reshoot_above)
     check_choice("multipliers", multipliers, ("auto", "first_order", "adjoint"))
     _precision.check_matmul_precision(matmul_precision)
     bound = pol.multiplier_bound
@@ -294,9 +321,14 @@ def alm(
         loss_fwd = spec.loss.value(out, y)
         loss_sum = jnp.sum(loss_fwd)
         new_pol, upd = pol.update(state.policy, f, h)
+        shoot = jnp.asarray(False)
         if max_loss_gap is not None:
-            new_pol = new_pol._replace(
-                sigma=safeguard_penalty(new_pol.sigma, state.policy.sigma, loss_sum, f, max_loss_gap))
+            raised = safeguard_penalty(new_pol.sigma, state.policy.sigma, loss_sum, f, max_loss_gap)
+            if reshoot_above is not None:
+                top = jnp.max(raised)
+                shoot = inner_done & (top > jnp.max(new_pol.sigma)) & (top > reshoot_above)
+                raised = jnp.where(shoot, new_pol.sigma, raised)
+            new_pol = new_pol._replace(sigma=raised)
         improved = loss_sum < state.best_loss
         best_loss = jnp.minimum(state.best_loss, loss_sum)
         stall = jnp.where(improved, 0, state.stall + 1)
@@ -318,6 +350,8 @@ def alm(
             return jax.tree_util.tree_map(lambda u, v: jnp.where(inner_done, u, v), a, b)
 
         new_lam, new_pstate = pick(lam_new, Lam), pick(new_pol, state.policy)
+        if reshoot_above is not None:
+            Z, new_lam = reshoot(params, spec, x, y, Z, new_lam, shoot)
         restarted = solver.restart(res.state, params, Z, Problem(spec, x, y, new_lam, new_pstate.sigma))
 
         new_state = ALMState(

@@ -93,6 +93,8 @@ BAD_SOLVER_OPTIONS = [
     ({"chunk_size": 64}, TypeError, "chunk_size"),  # the default inner solver "cg" has no chunks
     ({"matmul_precision": "fp32"}, ValueError, "matmul_precision"),
     ({"multipliers": "least_squares"}, ValueError, "multipliers"),
+    ({"reshoot_above": 0.0}, ValueError, "reshoot_above"),
+    ({"reshoot_above": "1e5"}, TypeError, "reshoot_above"),
 ]
 
 

@@ -161,13 +161,45 @@ def test_forward_loss_safeguard_raises_capped_penalty(yacht, gap, expect):
     x, y = jnp.asarray(yacht.x_train[:64]), jnp.asarray(yacht.y_train[:64])
     model = eqx.nn.MLP(6, 1, 8, 2, activation=jnp.tanh, key=jax.random.key(0))
     solver = _idle_solver(max_loss_gap=gap)
-    state = solver.init(model, x, y)
-    w = state.params.w_out[0]
-    out = alm_jax._lifted.output_stacked(state.params, state.spec, state.states)
-    state = eqx.tree_at(lambda s: s.states, state, state.states.at[-1].add((y - out) * w / (w @ w)))
+    state = _fit_last_states(solver.init(model, x, y), x, y)
     state, info = jax.jit(solver.update)(state, x, y)
     assert float(info.loss) > 0.1  # the forward pass is far off; the lifted loss is ≈ 0
     assert float(state.policy.sigma) == expect
+
+
+def _fit_last_states(state, x, y):
+    """The last lifted states moved so that the lifted output fits y exactly, while the forward pass does not."""
+    w = state.params.w_out[0]
+    out = alm_jax._lifted.output_stacked(state.params, state.spec, state.states)
+    return eqx.tree_at(lambda s: s.states, state, state.states.at[-1].add((y - out) * w / (w @ w)))
+
+
+@pytest.mark.parametrize("beta, reshoot_above, sigma, reshot", [
+    (1e3, 1e5, 1e4, False),  # the safeguard's raise stays below the threshold
+    (1e4, 1e5, 1e5, False),  # ... or reaches it
+    (1e5, 1e5, 1e5, True),   # it would pass it: re-shoot, σ kept
+    (1e5, None, 1e6, False),  # re-shooting off: σ raised
+])
+def test_reshoot_replaces_a_raise_past_the_threshold(yacht, beta, reshoot_above, sigma, reshot):
+    """Where the forward-loss safeguard would raise σ past `reshoot_above`, σ stays
+    and the states move to the forward pass (h = 0) with the multipliers at its
+    adjoint; otherwise the states are kept and σ is raised 10×."""
+    x, y = jnp.asarray(yacht.x_train[:64]), jnp.asarray(yacht.y_train[:64])
+    model = eqx.nn.MLP(6, 1, 8, 2, activation=jnp.tanh, key=jax.random.key(0))
+    solver = _idle_solver(beta, max_loss_gap=1.0, reshoot_above=reshoot_above)
+    state = _fit_last_states(solver.init(model, x, y), x, y)
+    new, info = jax.jit(solver.update)(state, x, y)
+    assert float(info.loss) > 0.1  # the safeguard fires: forward loss far above the lifted one
+    assert float(new.policy.sigma) == sigma
+    if reshot:
+        Zf = forward_states_stacked(state.params, state.spec, x)
+        lam = alm_jax._lifted.adjoint_multipliers(state.params, state.spec, x, y, jnp.zeros_like(Zf))
+        assert float(jnp.max(jnp.abs(lam))) > 0.1
+        # Same float64 operations inside and outside jit; only fusion may differ in the last bits.
+        np.testing.assert_allclose(new.states, Zf, rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(new.multipliers, lam, rtol=1e-12, atol=1e-15)
+    else:
+        np.testing.assert_array_equal(new.states, state.states)
 
 
 @pytest.mark.parametrize("multipliers, depth, adjoint", [
@@ -203,14 +235,16 @@ def test_adjoint_multipliers_train_yacht(yacht):
     assert res.history.mse[-1] < 1e-2
 
 
-def _idle_solver(**options):
-    """`alm` with an inner solver that never moves the iterate: only the outer logic acts."""
+def _idle_solver(beta=1e3, **options):
+    """`alm` with an inner solver that never moves the iterate: only the outer logic acts.
+
+    The policy holds σ at `beta` (its start and its cap)."""
     idle = alm_jax.inner.InnerSolver(
         "idle", init=lambda p, z, pb: (), restart=lambda s, p, z, pb: s,
         step=lambda p, z, s, pb: alm_jax.inner.InnerResult(p, z, s, jnp.asarray(True), jnp.asarray(jnp.nan)),
         default_max_steps=1)
     options.setdefault("max_loss_gap", None)
-    return alm_jax.alm(alm_jax.policies.bertsekas(beta0=1e3, beta_max=1e3), inner=idle, **options)
+    return alm_jax.alm(alm_jax.policies.bertsekas(beta0=beta, beta_max=beta), inner=idle, **options)
 
 
 @pytest.mark.parametrize("max_stall, expect", [
