@@ -120,15 +120,15 @@ def safeguard_penalty(sigma_new, sigma_old, loss_forward, loss_lifted, max_gap):
     return jnp.where(drift, raised, sigma_new)
 
 
-def reshoot(params, spec, x, y, Z, Lam, now):
+def reshoot(params, spec, x, y, Z, Lam, Z_forward, now):
     """The states and multipliers after re-shooting where `now` (see `alm`'s `reshoot_above`).
 
-    Re-shooting puts the states on the forward pass of `params` (h = 0) and the
-    multipliers at backpropagation's adjoint there; otherwise (Z, λ) is kept.
+    Re-shooting puts the states on the forward pass of `params`, `Z_forward`
+    (h = 0), and the multipliers at backpropagation's adjoint there;
+    otherwise (Z, λ) is kept.
     """
     def shoot(_):
-        Zf = _lifted.forward_states_stacked(params, spec, x)
-        return Zf, _lifted.adjoint_multipliers(params, spec, x, y, jnp.zeros_like(Zf))
+        return Z_forward, _lifted.adjoint_multipliers(params, spec, x, y, jnp.zeros_like(Z_forward))
 
     return jax.lax.cond(now, shoot, lambda _: (Z, Lam), None)
 
@@ -269,6 +269,8 @@ def alm(
     max_stall = check_int("max_stall", max_stall, allow_none=True)
     if reshoot_above is not None:
         check_positive("reshoot_above", reshoot_above)
+    # Re-shooting replaces the forward-loss safeguard's raise, so it needs the safeguard on.
+    reshooting = max_loss_gap is not None and reshoot_above is not None
     check_choice("multipliers", multipliers, ("auto", "first_order", "adjoint"))
     _precision.check_matmul_precision(matmul_precision)
     bound = pol.multiplier_bound
@@ -317,14 +319,14 @@ def alm(
 
         h = _lifted.constraints_stacked(params, spec, x, Z)
         f = _lifted.total_loss(params, spec, Z, y)
-        out = _lifted.predict(params, spec, x)
+        Z_forward = _lifted.forward_states_stacked(params, spec, x)
+        out = _lifted.output_stacked(params, spec, Z_forward)
         loss_fwd = spec.loss.value(out, y)
         loss_sum = jnp.sum(loss_fwd)
         new_pol, upd = pol.update(state.policy, f, h)
-        shoot = jnp.asarray(False)
         if max_loss_gap is not None:
             raised = safeguard_penalty(new_pol.sigma, state.policy.sigma, loss_sum, f, max_loss_gap)
-            if reshoot_above is not None:
+            if reshooting:
                 top = jnp.max(raised)
                 shoot = inner_done & (top > jnp.max(new_pol.sigma)) & (top > reshoot_above)
                 raised = jnp.where(shoot, new_pol.sigma, raised)
@@ -350,8 +352,8 @@ def alm(
             return jax.tree_util.tree_map(lambda u, v: jnp.where(inner_done, u, v), a, b)
 
         new_lam, new_pstate = pick(lam_new, Lam), pick(new_pol, state.policy)
-        if reshoot_above is not None:
-            Z, new_lam = reshoot(params, spec, x, y, Z, new_lam, shoot)
+        if reshooting:
+            Z, new_lam = reshoot(params, spec, x, y, Z, new_lam, Z_forward, shoot)
         restarted = solver.restart(res.state, params, Z, Problem(spec, x, y, new_lam, new_pstate.sigma))
 
         new_state = ALMState(

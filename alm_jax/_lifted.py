@@ -76,12 +76,6 @@ def output_stacked(params: DenseParams, spec: ChainSpec, Z):
     return spec.final_act(_affine(Z[-1], params.w_out, params.b_out))
 
 
-def predict(params: DenseParams, spec: ChainSpec, x):
-    """True forward pass of the network, (m, n_out)."""
-    Z = forward_states_stacked(params, spec, x)
-    return output_stacked(params, spec, Z)
-
-
 def penalty_split(sigma):
     """Reference penalty β and per-constraint row weights w = √(σ/β) (None if scalar)."""
     if jnp.ndim(sigma) == 0:
