@@ -324,6 +324,7 @@ def alm(
         loss_fwd = spec.loss.value(out, y)
         loss_sum = jnp.sum(loss_fwd)
         new_pol, upd = pol.update(state.policy, f, h)
+        shoot = None
         if max_loss_gap is not None:
             raised = safeguard_penalty(new_pol.sigma, state.policy.sigma, loss_sum, f, max_loss_gap)
             if reshooting:
@@ -337,10 +338,14 @@ def alm(
         if max_stall is not None:
             raised, stall = stall_penalty(new_pol.sigma, state.policy.sigma, stall, max_stall)
             new_pol = new_pol._replace(sigma=raised)
-        if _uses_adjoint(multipliers, spec):
+        adjoint = _uses_adjoint(multipliers, spec)
+        if adjoint:
             # Computed on every update and kept only at a subproblem's end,
-            # as the first-order update is (`pick` below).
-            lam_new = _lifted.adjoint_multipliers(params, spec, x, y, h)
+            # as the first-order update is (`pick` below). Rolled out with
+            # defects 0 instead of h, the same pass gives the re-shoot's
+            # multipliers, so the adjoint is compiled once.
+            lam_adj = _lifted.adjoint_multipliers(params, spec, x, y, h if shoot is None else jnp.where(shoot, 0, h))
+            lam_new = lam_adj
         else:
             lam_new = Lam + sigma * h
         if math.isfinite(bound):
@@ -352,7 +357,9 @@ def alm(
             return jax.tree_util.tree_map(lambda u, v: jnp.where(inner_done, u, v), a, b)
 
         new_lam, new_pstate = pick(lam_new, Lam), pick(new_pol, state.policy)
-        if reshooting:
+        if reshooting and adjoint:
+            Z, new_lam = jnp.where(shoot, Z_forward, Z), jnp.where(shoot, lam_adj, new_lam)
+        elif reshooting:
             Z, new_lam = reshoot(params, spec, x, y, Z, new_lam, Z_forward, shoot)
         restarted = solver.restart(res.state, params, Z, Problem(spec, x, y, new_lam, new_pstate.sigma))
 

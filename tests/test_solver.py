@@ -174,19 +174,23 @@ def _fit_last_states(state, x, y):
     return eqx.tree_at(lambda s: s.states, state, state.states.at[-1].add((y - out) * w / (w @ w)))
 
 
-@pytest.mark.parametrize("beta, reshoot_above, sigma, reshot", [
-    (1e3, 1e5, 1e4, False),  # the safeguard's raise stays below the threshold
-    (1e4, 1e5, 1e5, False),  # ... or reaches it
-    (1e5, 1e5, 1e5, True),   # it would pass it: re-shoot, σ kept
-    (1e5, None, 1e6, False),  # re-shooting off: σ raised
+@pytest.mark.parametrize("beta, reshoot_above, sigma, reshot, multipliers", [
+    (1e3, 1e5, 1e4, False, "auto"),  # the safeguard's raise stays below the threshold
+    (1e4, 1e5, 1e5, False, "auto"),  # ... or reaches it
+    (1e5, 1e5, 1e5, True, "auto"),   # it would pass it: re-shoot, σ kept
+    (1e5, None, 1e6, False, "auto"),  # re-shooting off: σ raised
+    # the first-order update re-shoots through its own branch (`reshoot`), "auto" (adjoint
+    # at depth 2) through the adjoint pass it already makes
+    (1e5, 1e5, 1e5, True, "first_order"),
+    (1e4, 1e5, 1e5, False, "first_order"),
 ])
-def test_reshoot_replaces_a_raise_past_the_threshold(yacht, beta, reshoot_above, sigma, reshot):
+def test_reshoot_replaces_a_raise_past_the_threshold(yacht, beta, reshoot_above, sigma, reshot, multipliers):
     """Where the forward-loss safeguard would raise σ past `reshoot_above`, σ stays
     and the states move to the forward pass (h = 0) with the multipliers at its
     adjoint; otherwise the states are kept and σ is raised 10×."""
     x, y = jnp.asarray(yacht.x_train[:64]), jnp.asarray(yacht.y_train[:64])
     model = eqx.nn.MLP(6, 1, 8, 2, activation=jnp.tanh, key=jax.random.key(0))
-    solver = _idle_solver(beta, max_loss_gap=1.0, reshoot_above=reshoot_above)
+    solver = _idle_solver(beta, max_loss_gap=1.0, reshoot_above=reshoot_above, multipliers=multipliers)
     state = _fit_last_states(solver.init(model, x, y), x, y)
     new, info = jax.jit(solver.update)(state, x, y)
     assert float(info.loss) > 0.1  # the safeguard fires: forward loss far above the lifted one

@@ -250,22 +250,36 @@ def stage_output_grams(lin: Linearisation):
     by O(μ_z / ω²) on range(J_u) (1e-6 μ_θ by default). It replaced four
     Rademacher probes of P, which cost four block-tridiagonal solves per
     update and ≈ 1.5 s of compilation on a 4×16 network and were noisier.
+
+    Up to `UNROLL_MAX_DEPTH` layers the sweep is unrolled, deeper it is a
+    `lax.scan`: unrolled, a 16×8 network's sweep and per-stage Grams
+    compiled to 124 of the update's 482 fused kernels (benchmarks/RESULTS.md,
+    Round 30).
     """
     omega, c_h = lin.omega, lin.c_h
     N, m, n = omega.shape
     ny = lin.c_o.shape[-1]
-    e = -jnp.swapaxes(lin.c_mat, -1, -2) / omega[-1][..., None]  # (m, n, ny)
-    es = [e]
-    for a in range(N - 2, -1, -1):
-        e = jnp.einsum("ok,moq->mkq", lin.w_hid[a], lin.s_hid[a][..., None] * e) / omega[a][..., None]
-        es.append(e)
-    es = es[::-1]
-    gram = jnp.eye(ny, dtype=omega.dtype) + sum(jnp.swapaxes(ea, -1, -2) @ ea for ea in es)  # EᵀE (m, ny, ny)
+    e_last = -jnp.swapaxes(lin.c_mat, -1, -2) / omega[-1][..., None]  # (m, n, ny)
+
+    def back(e, blocks):
+        w, s, om = blocks
+        e = jnp.einsum("ok,moq->mkq", w, s[..., None] * e) / om[..., None]
+        return e, e
+
+    if N <= UNROLL_MAX_DEPTH:
+        e, es = e_last, [e_last]
+        for a in range(N - 2, -1, -1):
+            e, _ = back(e, (lin.w_hid[a], lin.s_hid[a], omega[a]))
+            es.append(e)
+        es = jnp.stack(es[::-1])
+    else:
+        _, es = jax.lax.scan(back, e_last, (lin.w_hid, lin.s_hid, omega[:-1]), reverse=True)
+        es = jnp.concatenate([es, e_last[None]], 0)
+    # EᵀE (m, ny, ny)
+    gram = jnp.eye(ny, dtype=omega.dtype) + jnp.einsum("amkq,amkr->mqr", es, es)
     m_inv = 1 / gram if ny == 1 else jnp.linalg.inv(gram)
-    g_h = []
-    for a, ea in enumerate(es):
-        ce = c_h[a][..., None] * ea  # (m, n, ny)
-        g_h.append(jnp.einsum("mkq,mlq->kl", ce, ce @ m_inv) / m)
+    ce = c_h[..., None] * es  # (N, m, n, ny)
+    g_h = jnp.einsum("amkq,amlq->akl", ce, ce @ m_inv) / m
     g_out = jnp.einsum("mab,mac->bc", lin.c_o, m_inv @ lin.c_o) / m
-    return jnp.stack(g_h), g_out
+    return g_h, g_out
 
