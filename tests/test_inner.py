@@ -303,7 +303,7 @@ def test_deep_preconditioner_grams_in_the_condensing_limit(loss, n_out, depth):
     null space of J_uᵀ, equal the sample means of c_a P[a,a] c_a and
     c_oᵀ P_oo c_o with P = I − J_u (J_uᵀJ_u)⁻¹ J_uᵀ formed densely per sample
     (μ_z = 0, where the null-space form is exact; float64: to 1e-11 of the
-    largest entry, which is 1e-5 to 1e-1 here: P projects onto n_y of the
+    largest entry, which is 1.6e-5 to 0.3 here: P projects onto n_y of the
     N·n + n_y rows). Depth 3 takes the unrolled sweep, depth 6 the scan."""
     params, spec, Z, p = subproblem(depth=depth, width=4, n_out=n_out, loss=loss)
     lin = linearise(params, spec, p.x, p.y, Z, p.multipliers, p.sigma)
