@@ -324,7 +324,6 @@ def alm(
         loss_fwd = spec.loss.value(out, y)
         loss_sum = jnp.sum(loss_fwd)
         new_pol, upd = pol.update(state.policy, f, h)
-        shoot = None
         if max_loss_gap is not None:
             raised = safeguard_penalty(new_pol.sigma, state.policy.sigma, loss_sum, f, max_loss_gap)
             if reshooting:
@@ -344,7 +343,7 @@ def alm(
             # as the first-order update is (`pick` below). Rolled out with
             # defects 0 instead of h, the same pass gives the re-shoot's
             # multipliers, so the adjoint is compiled once.
-            lam_adj = _lifted.adjoint_multipliers(params, spec, x, y, h if shoot is None else jnp.where(shoot, 0, h))
+            lam_adj = _lifted.adjoint_multipliers(params, spec, x, y, jnp.where(shoot, 0, h) if reshooting else h)
             lam_new = lam_adj
         else:
             lam_new = Lam + sigma * h

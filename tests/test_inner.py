@@ -304,7 +304,7 @@ def test_deep_preconditioner_grams_in_the_condensing_limit(loss, n_out, depth):
     c_oᵀ P_oo c_o with P = I − J_u (J_uᵀJ_u)⁻¹ J_uᵀ formed densely per sample
     (μ_z = 0, where the null-space form is exact; float64: to 1e-11 of the
     largest entry, which is 1.6e-5 to 0.3 here: P projects onto n_y of the
-    N·n + n_y rows). Depth 3 takes the unrolled sweep, depth 6 the scan."""
+    N·n + n_y rows), at a depth whose state sweeps are unrolled and one where they are scanned."""
     params, spec, Z, p = subproblem(depth=depth, width=4, n_out=n_out, loss=loss)
     lin = linearise(params, spec, p.x, p.y, Z, p.multipliers, p.sigma)
     g_h, g_out = _blocktri.stage_output_grams(lin)

@@ -251,10 +251,11 @@ def stage_output_grams(lin: Linearisation):
     Rademacher probes of P, which cost four block-tridiagonal solves per
     update and ≈ 1.5 s of compilation on a 4×16 network and were noisier.
 
-    Up to `UNROLL_MAX_DEPTH` layers the sweep is unrolled, deeper it is a
-    `lax.scan`: unrolled, a 16×8 network's sweep and per-stage Grams
-    compiled to 124 of the update's 482 fused kernels (benchmarks/RESULTS.md,
-    Round 30).
+    The sweep is a `lax.scan` at every depth: unrolled, a 16×8 network's
+    sweep and per-stage Grams compiled to 124 of the update's 482 fused
+    kernels (benchmarks/RESULTS.md, Round 30). It runs once per update, not
+    per CG product, so the block copies that keep `factor` and `solve`
+    unrolled on shallow chains do not matter here.
     """
     omega, c_h = lin.omega, lin.c_h
     N, m, n = omega.shape
@@ -266,15 +267,8 @@ def stage_output_grams(lin: Linearisation):
         e = jnp.einsum("ok,moq->mkq", w, s[..., None] * e) / om[..., None]
         return e, e
 
-    if N <= UNROLL_MAX_DEPTH:
-        e, es = e_last, [e_last]
-        for a in range(N - 2, -1, -1):
-            e, _ = back(e, (lin.w_hid[a], lin.s_hid[a], omega[a]))
-            es.append(e)
-        es = jnp.stack(es[::-1])
-    else:
-        _, es = jax.lax.scan(back, e_last, (lin.w_hid, lin.s_hid, omega[:-1]), reverse=True)
-        es = jnp.concatenate([es, e_last[None]], 0)
+    _, es = jax.lax.scan(back, e_last, (lin.w_hid, lin.s_hid, omega[:-1]), reverse=True)
+    es = jnp.concatenate([es, e_last[None]], 0)
     # EᵀE (m, ny, ny)
     gram = jnp.eye(ny, dtype=omega.dtype) + jnp.einsum("amkq,amkr->mqr", es, es)
     m_inv = 1 / gram if ny == 1 else jnp.linalg.inv(gram)
