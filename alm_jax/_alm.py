@@ -185,7 +185,8 @@ def alm(
             lower than "lm" on 5 of the 6 UCI sets at equal time
             (benchmarks/RESULTS.md).
         max_inner_steps: cap on inner iterations per subproblem; default the
-            inner solver's own (3 for lm/gn/cg).
+            inner solver's own: 3 for lm/gn/cg, and 1 for cg where the
+            multipliers are the adjoint's (see `alm_jax.inner.cg`).
         feasibility_tol, stationarity_tol: convergence when ‖h‖∞ and
             ‖∇L_σ‖ fall below them at the end of a subproblem.
         max_loss_gap: safeguard κ on the penalty cap. When a subproblem
@@ -259,9 +260,8 @@ def alm(
     pol: Policy = get_policy(policy)
     loss_fn = get_loss(loss)
     solver: InnerSolver = get_inner(inner, **inner_options)
-    if max_inner_steps is None:
-        max_inner_steps = solver.default_max_steps
-    max_inner_steps = check_int("max_inner_steps", max_inner_steps)
+    if max_inner_steps is not None:
+        max_inner_steps = check_int("max_inner_steps", max_inner_steps)
     check_positive("feasibility_tol", feasibility_tol)
     check_positive("stationarity_tol", stationarity_tol)
     if max_loss_gap is not None:
@@ -298,6 +298,13 @@ def alm(
             best_loss=best, stall=zero, spec=spec,
         )
 
+    def _inner_cap(spec) -> int:
+        if max_inner_steps is not None:
+            return max_inner_steps
+        if solver.adjoint_max_steps is not None and _uses_adjoint(multipliers, spec):
+            return solver.adjoint_max_steps
+        return solver.default_max_steps
+
     def update(state: ALMState, x, y) -> tuple[ALMState, ALMInfo]:
         with _precision.matmul_precision(matmul_precision):
             return _update(state, x, y)
@@ -315,7 +322,7 @@ def alm(
                 state.params, state.states, spec, x, y, Lam, sigma)
             gnorm = optax.tree_utils.tree_norm(grad)
         inner_step = state.inner_step + 1
-        inner_done = (gnorm <= state.policy.eps) | (inner_step >= max_inner_steps)
+        inner_done = (gnorm <= state.policy.eps) | (inner_step >= _inner_cap(spec))
 
         h = _lifted.constraints_stacked(params, spec, x, Z)
         f = _lifted.total_loss(params, spec, Z, y)

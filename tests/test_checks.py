@@ -85,6 +85,8 @@ BAD_SOLVER_OPTIONS = [
     ({"policy": 3}, TypeError, "policy"),
     ({"max_inner_steps": 0}, ValueError, "max_inner_steps"),
     ({"max_inner_steps": 2.5}, TypeError, "max_inner_steps"),
+    ({"max_steps": 0}, ValueError, "max_steps"),  # cg's own cap, None by default
+    ({"max_steps": 1.5}, TypeError, "max_steps"),
     ({"state_damping_ratio": -1.0}, ValueError, "state_damping_ratio"),
     ({"init_damping": 0.0}, ValueError, "init_damping"),
     ({"feasibility_tol": -1.0}, ValueError, "feasibility_tol"),

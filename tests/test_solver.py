@@ -53,6 +53,30 @@ def test_every_policy_reduces_mse(policy, yacht):
     assert res.history.mse[-1] < 0.2 * res.history.mse[0]
 
 
+@pytest.mark.parametrize("depth, options, cap", [
+    (1, {}, 3),  # first-order multipliers: cg's 3 steps per subproblem
+    (2, {}, 1),  # adjoint multipliers ("auto" from two hidden layers): one
+    (2, {"multipliers": "first_order"}, 3),
+    (1, {"multipliers": "adjoint"}, 1),
+    (2, {"max_inner_steps": 3}, 3),  # a cap the user sets is kept
+    (2, {"max_steps": 2}, 2),  # cg's own, set by the user, holds with the adjoint too
+    (2, {"inner": "lm"}, 3),  # the exact step keeps 3
+])
+def test_default_inner_cap_follows_the_multipliers(depth, options, cap, yacht):
+    """Subproblems end after `cap` updates: with ε tiny only the cap ends them,
+    so the outer counter after k updates is ⌊k / cap⌋."""
+    x, y = yacht.x_train[:40], yacht.y_train[:40]
+    model = eqx.nn.MLP(6, 1, 4, depth, activation=jnp.tanh, key=jax.random.key(3))
+    policy = alm_jax.policies.bertsekas(eps0=1e-12, eps_min=1e-12)
+    solver = alm_jax.alm(policy, **options)
+    state = solver.init(model, x, y)
+    outer = []
+    for _ in range(6):
+        state, info = solver.update(state, x, y)
+        outer.append(int(info.outer_step))
+    assert outer == [k // cap for k in range(1, 7)]
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_update_under_jit(dtype, yacht):
     x = jnp.asarray(yacht.x_train[:80], dtype)

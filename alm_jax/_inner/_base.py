@@ -51,6 +51,8 @@ class InnerSolver(NamedTuple):
     restart: Callable
     step: Callable
     default_max_steps: int  # per subproblem, when `alm(max_inner_steps=None)`
+    # The same where the outer step takes the adjoint multipliers; None: `default_max_steps`.
+    adjoint_max_steps: int | None = None
 
 
 def keep(istate, params, Z, problem):

@@ -59,6 +59,8 @@ AUTO_SAMPLES_PER_WEIGHT = 4
 # P ≤ m·n_out gets when CG's products run over every sample (`auto_one_layer`).
 AUTO_SECOND_ORDER = 0.5
 AUTO_SOLVE_DTYPE = "float32"
+# `cg`'s iterations per subproblem, and with adjoint multipliers (`cg`'s docstring).
+DEFAULT_MAX_STEPS, ADJOINT_MAX_STEPS = 3, 1
 
 
 class LMOptions(NamedTuple):
@@ -140,7 +142,8 @@ def auto_one_layer(opts: LMOptions, spec, m: int) -> bool:
     residuals fall towards zero, the curvature term with them, and float32
     CG's floor κ(S)·ε₃₂ binds: UCI yacht (m = 277, P = 401) trained 3.7×
     higher (benchmarks/RESULTS.md, Round 22). Deeper networks have no
-    curvature term, and float32 CG trained higher on them (Rounds 8, 19).
+    curvature term, and float32 CG trained higher on them (Rounds 8, 19;
+    1.5–3.0× on 8×8 and 16×8 nets in Round 31).
     """
     return (not isinstance(spec, LayerSpec) and spec.depth == 1 and num_weights(spec) <= m * spec.n_out
             and curvature_stride(opts.curvature_samples, spec, m) == 1)
@@ -382,7 +385,8 @@ def lm_iteration(params, Z, spec, x, y, Lam, sigma, damping, nu, opts: LMOptions
     return LMResult(params, Z, new_damping, new_nu, ok, jnp.where(ok, f1, f0), grad_norm, new_tau, new_cap)
 
 
-def _lm_solver(name, auto_opts: LMOptions, init_damping, max_steps, rescale_damping) -> InnerSolver:
+def _lm_solver(name, auto_opts: LMOptions, init_damping, max_steps, rescale_damping,
+               adjoint_max_steps=None) -> InnerSolver:
     def init(params, Z, pb: Problem):
         opts = resolve_auto(auto_opts, pb.spec, pb.x.shape[0])
         if init_damping is None:
@@ -422,7 +426,7 @@ def _lm_solver(name, auto_opts: LMOptions, init_damping, max_steps, rescale_damp
         return InnerResult(r.params, r.states, LMState(r.damping, r.nu, s.beta, r.curvature_weight, r.cg_cap, offset),
                            r.accepted, r.damping, r.grad_norm)
 
-    return InnerSolver(name, init, restart, step, max_steps)
+    return InnerSolver(name, init, restart, step, max_steps, adjoint_max_steps)
 
 
 def _check_common(state_damping_ratio, init_damping, chunk_size, max_steps, damping_decrease):
@@ -485,7 +489,8 @@ def lm(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
 
 
 def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, rtol: float | None = None,
-       forcing_max: float = FORCING_MAX, max_cg_steps: int = 100, precondition: bool | None = None, max_steps: int = 3,
+       forcing_max: float = FORCING_MAX, max_cg_steps: int = 100, precondition: bool | None = None,
+       max_steps: int | None = None,
        rescale_damping: bool = False, rollout: bool = True, solve_dtype="auto", backtrack: bool = False,
        second_order: float | str = "auto", adapt_cg_steps: bool = True,
        damping_decrease: float = NIELSEN_DECREASE, curvature_samples: int | str | None = "auto") -> InnerSolver:
@@ -564,8 +569,15 @@ def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
     rule sees α*ρ (`_model_length`); at 10 s (20 splits) this trained
     0.981× as low on kin8nm and 0.986× on power-plant (Round 23).
     `backtrack=True` keeps the full first trial.
+    `max_steps` (iterations per subproblem) defaults to 3, and to 1 where
+    `alm`'s outer step takes the adjoint multipliers (an MLP with two or
+    more hidden layers by default): the multipliers and the penalty
+    safeguards then follow every step. At 30 s that trained 0.63× as low
+    on a 16×8 network on UCI concrete (10 splits, lower on 8; Round 31).
     The other options are `lm`'s.
     """
+    adjoint_max_steps = ADJOINT_MAX_STEPS if max_steps is None else max_steps
+    max_steps = DEFAULT_MAX_STEPS if max_steps is None else max_steps
     _, max_steps = _check_common(state_damping_ratio, init_damping, None, max_steps, damping_decrease)
     solve_dtype = check_solve_dtype(solve_dtype, allow_auto=True)
     max_cg_steps = check_int("max_cg_steps", max_cg_steps)
@@ -587,4 +599,4 @@ def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
                      rollout=bool(rollout), solve_dtype=solve_dtype, backtrack=bool(backtrack),
                      second_order=second_order, adapt_cg_steps=bool(adapt_cg_steps),
                      damping_decrease=float(damping_decrease), curvature_samples=curvature_samples)
-    return _lm_solver("cg", opts, init_damping, max_steps, bool(rescale_damping))
+    return _lm_solver("cg", opts, init_damping, max_steps, bool(rescale_damping), adjoint_max_steps)
