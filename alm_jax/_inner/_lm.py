@@ -573,7 +573,9 @@ def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
     `alm`'s outer step takes the adjoint multipliers (an MLP with two or
     more hidden layers by default): the multipliers and the penalty
     safeguards then follow every step. At 30 s that trained 0.63× as low
-    on a 16×8 network on UCI concrete (10 splits, lower on 8; Round 31).
+    on a 16×8 network on UCI concrete (10 splits, lower on 8), where the
+    forward-loss safeguard then kept σ at 1e3–1e4 instead of lifting it
+    to 1e5 within 20 updates (Round 31).
     The other options are `lm`'s.
     """
     adjoint_max_steps = ADJOINT_MAX_STEPS if max_steps is None else max_steps
