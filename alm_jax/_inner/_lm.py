@@ -578,7 +578,8 @@ def cg(*, state_damping_ratio: float = 1e-6, init_damping: float | None = None, 
     to 1e5 within 20 updates (Round 31).
     The other options are `lm`'s.
     """
-    adjoint_max_steps = ADJOINT_MAX_STEPS if max_steps is None else max_steps
+    # A cap the user sets holds under either multiplier update (None: `default_max_steps`).
+    adjoint_max_steps = ADJOINT_MAX_STEPS if max_steps is None else None
     max_steps = DEFAULT_MAX_STEPS if max_steps is None else max_steps
     _, max_steps = _check_common(state_damping_ratio, init_damping, None, max_steps, damping_decrease)
     solve_dtype = check_solve_dtype(solve_dtype, allow_auto=True)
